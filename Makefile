@@ -1,0 +1,35 @@
+# zgrid: every target creates .venv if it is missing and installs the project into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench bench-sim soak clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/run.sh
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check zgrid tests scripts
+	$(BIN)/mypy zgrid
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py
+
+bench-sim: $(STAMP)
+	$(BIN)/python scripts/bench_sim.py
+
+soak: $(STAMP)
+	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/test_properties.py
+
+clean:
+	rm -rf $(VENV) .zgrid .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info bench-results

@@ -1,0 +1,55 @@
+"""The exception classes of zgrid.
+
+Every error zgrid raises on purpose derives from `ZgridError`, so a program embedding zgrid can
+catch them all in one place. Each carries a short machine-readable `code` (it travels on the wire
+in control replies) and a message written for the person who has to act on it.
+"""
+
+from __future__ import annotations
+
+
+class ZgridError(Exception):
+    """Base class of every error zgrid raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(ZgridError):
+    """Bad input from the network: undecodable, malformed, out of range or of an unknown kind.
+
+    Never escapes the node's loop: a sibling's bad frame is dropped and counted, a control
+    client's bad frame is answered with an error reply.
+    """
+
+    code = "bad_request"
+    peer = False  # set by the decoder: the frame claimed a sibling-to-sibling message type
+
+
+class ControlError(ZgridError):
+    """A control request the node refuses (bad value, unknown sibling ...); nothing was changed."""
+
+    code = "refused"
+
+
+class NoReply(ZgridError):
+    """A control client got no reply within its timeout: the node is down, frozen or unreachable."""
+
+    code = "no_reply"
+
+
+class StoreError(ZgridError):
+    """The node's data directory cannot be used (locked by another node, unreadable, corrupt)."""
+
+    code = "store"
+
+
+class SecurityError(ZgridError):
+    """Keys are missing or unusable, or no authenticator could be installed."""
+
+    code = "security"

@@ -1,0 +1,567 @@
+"""The wire format: typed messages, and their msgpack encoding, decoding and validation.
+
+This is the only module that touches msgpack. Everything that arrives from a socket goes
+through `decode()`, which returns a frozen, fully validated message or raises `ProtocolError`
+(and nothing else). It must never let through a value the core could choke on: NaN or infinite
+power (one NaN would poison every total in the grid), negative power, oversized strings, lists
+or frames, unknown versions or types. See docs/protocol.md for the same rules in prose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+import msgpack
+
+from zgrid.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# Limits. A frame larger than MAX_FRAME_BYTES is refused by ZeroMQ itself (ZMQ_MAXMSGSIZE);
+# the rest bound what a single well-formed frame can make a node hold in memory.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+MAX_ID_CHARS = 64
+MAX_ENDPOINT_CHARS = 256
+MAX_REASON_CHARS = 200
+MAX_LINKS_PER_ADVERT = 64
+MAX_ADVERTS_PER_MESSAGE = 200  # 200 worst-case adverts (64 links of 64 chars) stay under 1 MiB
+MAX_DIGEST_ENTRIES = 40_000
+MAX_POWER_KW = 1e9  # a terawatt: larger than any single participant of any real grid
+MAX_COUNTER = 2**63 - 1  # incarnation and seq: int64 so clients in any language can hold them
+MAX_NONCE = 2**64 - 1
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_ENDPOINT_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})|ipc://.+")
+
+
+class MessageType(StrEnum):
+    """The `t` field of every frame."""
+
+    # sibling to sibling
+    HELLO = "hello"
+    ADVERTS = "adverts"
+    DIGEST = "digest"
+    PING = "ping"
+    BYE = "bye"
+    # control client to node
+    STATUS = "status"
+    SET = "set"
+    LINK = "link"
+    UNLINK = "unlink"
+    NODES = "nodes"
+    WATCH = "watch"
+    # node to control client
+    REPLY = "reply"
+    VIEW = "view"
+
+
+class ByeReason(StrEnum):
+    """Why a sibling says goodbye; each one asks the receiver for a different reaction."""
+
+    STOPPING = "stopping"  # the sender is shutting down: mark the link DOWN now, keep the sibling
+    UNLINKED = "unlinked"  # an operator removed the link: forget the sibling
+    DUPLICATE_ID = "duplicate_id"  # the receiver's id is already taken by another live node
+    REFUSED = "refused"  # not (or no longer) a member of the grid
+
+
+# ----------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """One node's self-description; only its origin ever writes one (DESIGN.md rule 1)."""
+
+    origin: str
+    incarnation: int
+    seq: int
+    production: float
+    consumption: float
+    links: tuple[str, ...]  # sorted ids of the siblings the origin has an UP link with
+    endpoint: str
+    nonce: int  # random per process: tells a restart (old nonce, silent) from a duplicate id
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.incarnation, self.seq)
+
+    @property
+    def net(self) -> float:
+        return self.production - self.consumption
+
+
+Digest: TypeAlias = Mapping[str, tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Asks for a link (ack=False) or accepts one (ack=True); carries a digest for resync."""
+
+    sender: str
+    nonce: int
+    endpoint: str
+    ack: bool
+    digest: Digest = field(default_factory=dict)
+    dialed: str = ""  # request: the endpoint the sender dialed; ack: echoed from the request
+
+
+@dataclass(frozen=True, slots=True)
+class Adverts:
+    sender: str
+    nonce: int
+    adverts: tuple[Advert, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DigestMsg:
+    """Anti-entropy: what the sender holds; `reply` asks for the receiver's digest back."""
+
+    sender: str
+    nonce: int
+    entries: Digest
+    reply: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    sender: str
+    nonce: int
+    table_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    sender: str
+    nonce: int
+    reason: ByeReason
+    dialed: str = ""  # on a refusal: the `dialed` of the refused HELLO, so the peer can match it
+    detail: str = ""  # on a refusal: why, for the refused operator
+
+
+PeerMessage: TypeAlias = Hello | Adverts | DigestMsg | Ping | Bye
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetRequest:
+    production: float | None = None
+    consumption: float | None = None
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequest:
+    endpoint: str  # "tcp://host:port" or "ID@tcp://host:port"
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnlinkRequest:
+    sibling: str  # an endpoint or a node id
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodesRequest:
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRequest:
+    rid: int | None = None
+
+
+ControlRequest: TypeAlias = (
+    StatusRequest | SetRequest | LinkRequest | UnlinkRequest | NodesRequest | WatchRequest
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The one reply to a control request: ok with a body, or an error with code and message."""
+
+    rid: int | None
+    ok: bool
+    body: Mapping[str, Any] = field(default_factory=dict)
+    code: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ViewUpdate:
+    """Pushed to `watch` clients when the node's view of its island changes."""
+
+    view: Mapping[str, Any]
+    ts: float  # wall-clock unix seconds, stamped by the runtime when it sent the update
+
+
+Message: TypeAlias = PeerMessage | ControlRequest | Reply | ViewUpdate
+
+PEER_TYPES = frozenset(
+    {MessageType.HELLO, MessageType.ADVERTS, MessageType.DIGEST, MessageType.PING, MessageType.BYE}
+)
+
+# ----------------------------------------------------------------------------------- encoding
+
+
+def _advert_row(a: Advert) -> list[Any]:
+    return [a.origin, a.incarnation, a.seq, a.production, a.consumption, list(a.links),
+            a.endpoint, a.nonce]
+
+
+def _digest_map(d: Digest) -> dict[str, list[int]]:
+    return {origin: [inc, seq] for origin, (inc, seq) in d.items()}
+
+
+def to_wire(msg: Message) -> dict[str, Any]:
+    """The msgpack-ready map of a message (before packing); the inverse of decode()."""
+    v = PROTOCOL_VERSION
+    match msg:
+        case Hello():
+            return {"v": v, "t": "hello", "from": msg.sender, "n": msg.nonce,
+                    "endpoint": msg.endpoint, "ack": msg.ack, "digest": _digest_map(msg.digest),
+                    "dialed": msg.dialed}
+        case Adverts():
+            return {"v": v, "t": "adverts", "from": msg.sender, "n": msg.nonce,
+                    "adverts": [_advert_row(a) for a in msg.adverts]}
+        case DigestMsg():
+            return {"v": v, "t": "digest", "from": msg.sender, "n": msg.nonce,
+                    "entries": _digest_map(msg.entries), "reply": msg.reply}
+        case Ping():
+            return {"v": v, "t": "ping", "from": msg.sender, "n": msg.nonce,
+                    "hash": msg.table_hash}
+        case Bye():
+            return {"v": v, "t": "bye", "from": msg.sender, "n": msg.nonce,
+                    "reason": str(msg.reason), "dialed": msg.dialed, "detail": msg.detail}
+        case StatusRequest() | NodesRequest() | WatchRequest():
+            kind = {StatusRequest: "status", NodesRequest: "nodes", WatchRequest: "watch"}
+            return _with_rid({"v": v, "t": kind[type(msg)]}, msg.rid)
+        case SetRequest():
+            out: dict[str, Any] = {"v": v, "t": "set"}
+            if msg.production is not None:
+                out["production"] = msg.production
+            if msg.consumption is not None:
+                out["consumption"] = msg.consumption
+            return _with_rid(out, msg.rid)
+        case LinkRequest():
+            return _with_rid({"v": v, "t": "link", "endpoint": msg.endpoint}, msg.rid)
+        case UnlinkRequest():
+            return _with_rid({"v": v, "t": "unlink", "sibling": msg.sibling}, msg.rid)
+        case Reply():
+            if msg.ok:
+                return _with_rid({"v": v, "t": "reply", "ok": True, **msg.body}, msg.rid)
+            error = {"code": msg.code, "message": msg.message}
+            return _with_rid({"v": v, "t": "reply", "ok": False, "error": error}, msg.rid)
+        case ViewUpdate():
+            return {"v": v, "t": "view", "ts": msg.ts, **msg.view}
+    raise TypeError(f"not a zgrid message: {msg!r}")
+
+
+def _with_rid(out: dict[str, Any], rid: int | None) -> dict[str, Any]:
+    if rid is not None:
+        out["rid"] = rid
+    return out
+
+
+def encode(msg: Message) -> bytes:
+    """One message as one msgpack frame."""
+    frame: bytes = msgpack.packb(to_wire(msg), use_bin_type=True)
+    return frame
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not part of the zgrid protocol")
+
+
+def decode_raw(frame: bytes) -> Any:
+    """msgpack bytes to a plain value, within limits; raises ProtocolError and nothing else."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES} byte limit", "too_large")
+    try:
+        return msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            timestamp=0,
+            max_str_len=MAX_FRAME_BYTES,
+            max_bin_len=0,  # the protocol has no binary fields
+            max_array_len=MAX_DIGEST_ENTRIES,
+            max_map_len=MAX_DIGEST_ENTRIES,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many kinds (ExtraData, StackError, ValueError ...)
+        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}",
+                            "bad_frame") from None
+
+
+def decode(frame: bytes) -> Message:
+    """One frame to a validated message; raises ProtocolError (only) on anything wrong."""
+    obj = decode_raw(frame)
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"a frame must be a msgpack map, got {_kind(obj)}", "bad_frame")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r}; this node speaks v{PROTOCOL_VERSION}",
+            "unsupported_version",
+        )
+    t = obj.get("t")
+    try:
+        kind = MessageType(t) if isinstance(t, str) else None
+    except ValueError:
+        kind = None
+    if kind is None:
+        raise ProtocolError(f"unknown message type {t!r}", "unknown_type")
+    try:
+        message: Message = _DECODERS[kind](_Fields(obj, kind))
+    except ProtocolError as exc:
+        exc.peer = kind in PEER_TYPES
+        raise
+    return message
+
+
+class _Fields:
+    """Typed accessors over one decoded map; each raises ProtocolError naming the bad field."""
+
+    def __init__(self, obj: dict[str, Any], kind: MessageType) -> None:
+        self.obj = obj
+        self.kind = kind
+
+    def _fail(self, key: str, why: str) -> ProtocolError:
+        return ProtocolError(f"{self.kind} message: field {key!r} {why}", "bad_field")
+
+    def get(self, key: str) -> Any:
+        if key not in self.obj:
+            raise self._fail(key, "is missing")
+        return self.obj[key]
+
+    def node_id(self, key: str) -> str:
+        return check_node_id(self.get(key), lambda why: self._fail(key, why))
+
+    def endpoint(self, key: str) -> str:
+        return check_endpoint(self.get(key), lambda why: self._fail(key, why))
+
+    def optional_endpoint(self, key: str) -> str:
+        if self.obj.get(key) in (None, ""):
+            return ""
+        return self.endpoint(key)
+
+    def uint(self, key: str, limit: int) -> int:
+        return _uint(self.get(key), limit, lambda why: self._fail(key, why))
+
+    def boolean(self, key: str) -> bool:
+        value = self.get(key)
+        if not isinstance(value, bool):
+            raise self._fail(key, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def power(self, key: str) -> float | None:
+        if key not in self.obj or self.obj[key] is None:
+            return None
+        return check_power(self.obj[key], lambda why: self._fail(key, why))
+
+    def string(self, key: str, max_chars: int) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or not 0 < len(value) <= max_chars:
+            raise self._fail(key, f"must be a string of 1..{max_chars} characters")
+        return value
+
+    def rid(self) -> int | None:
+        if self.obj.get("rid") is None:
+            return None
+        return self.uint("rid", MAX_NONCE)
+
+    def digest(self, key: str) -> dict[str, tuple[int, int]]:
+        value = self.get(key)
+        if not isinstance(value, dict):
+            raise self._fail(key, f"must be a map, got {_kind(value)}")
+        out: dict[str, tuple[int, int]] = {}
+        for origin, version in value.items():
+            def fail(why: str, origin: Any = origin) -> ProtocolError:
+                return self._fail(key, f"entry {origin!r} {why}")
+
+            check_node_id(origin, fail)
+            if not isinstance(version, list) or len(version) != 2:
+                raise fail("must be [incarnation, seq]")
+            out[origin] = (_uint(version[0], MAX_COUNTER, fail),
+                           _uint(version[1], MAX_COUNTER, fail))
+        return out
+
+    def adverts(self, key: str) -> tuple[Advert, ...]:
+        rows = self.get(key)
+        if not isinstance(rows, list) or len(rows) > MAX_ADVERTS_PER_MESSAGE:
+            raise self._fail(key, f"must be a list of at most {MAX_ADVERTS_PER_MESSAGE} adverts")
+        return tuple(self._advert(i, row) for i, row in enumerate(rows))
+
+    def _advert(self, i: int, row: Any) -> Advert:
+        def fail(why: str) -> ProtocolError:
+            return self._fail("adverts", f"item {i} {why}")
+
+        if not isinstance(row, list) or len(row) != 8:
+            raise fail("must be [origin, incarnation, seq, production, consumption, links, "
+                       "endpoint, nonce]")
+        origin, inc, seq, production, consumption, links, endpoint, nonce = row
+        if not isinstance(links, list) or len(links) > MAX_LINKS_PER_ADVERT:
+            raise fail(f"links must be a list of at most {MAX_LINKS_PER_ADVERT} ids")
+        link_ids = tuple(sorted({check_node_id(x, fail) for x in links}))
+        return Advert(
+            origin=check_node_id(origin, fail),
+            incarnation=_uint(inc, MAX_COUNTER, fail),
+            seq=_uint(seq, MAX_COUNTER, fail),
+            production=check_power(production, fail),
+            consumption=check_power(consumption, fail),
+            links=link_ids,
+            endpoint=check_endpoint(endpoint, fail),
+            nonce=_uint(nonce, MAX_NONCE, fail),
+        )
+
+
+def _hello(f: _Fields) -> Hello:
+    return Hello(f.node_id("from"), f.uint("n", MAX_NONCE), f.endpoint("endpoint"),
+                 f.boolean("ack"), f.digest("digest"), f.optional_endpoint("dialed"))
+
+
+def _adverts(f: _Fields) -> Adverts:
+    return Adverts(f.node_id("from"), f.uint("n", MAX_NONCE), f.adverts("adverts"))
+
+
+def _digest(f: _Fields) -> DigestMsg:
+    return DigestMsg(f.node_id("from"), f.uint("n", MAX_NONCE), f.digest("entries"),
+                     f.boolean("reply"))
+
+
+def _ping(f: _Fields) -> Ping:
+    return Ping(f.node_id("from"), f.uint("n", MAX_NONCE), f.uint("hash", MAX_NONCE))
+
+
+def _bye(f: _Fields) -> Bye:
+    reason = f.string("reason", MAX_REASON_CHARS)
+    try:
+        parsed = ByeReason(reason)
+    except ValueError:
+        parsed = ByeReason.STOPPING  # a newer peer's reason we do not know: treat as a goodbye
+    detail = f.obj.get("detail", "")
+    if not isinstance(detail, str) or len(detail) > MAX_REASON_CHARS:
+        raise f._fail("detail", f"must be a string of at most {MAX_REASON_CHARS} characters")
+    return Bye(f.node_id("from"), f.uint("n", MAX_NONCE), parsed, f.optional_endpoint("dialed"),
+               detail)
+
+
+def _set(f: _Fields) -> SetRequest:
+    production, consumption = f.power("production"), f.power("consumption")
+    if production is None and consumption is None:
+        raise ProtocolError("set needs production, consumption or both", "bad_value")
+    return SetRequest(production, consumption, f.rid())
+
+
+def _link(f: _Fields) -> LinkRequest:
+    target = f.string("endpoint", MAX_ID_CHARS + 1 + MAX_ENDPOINT_CHARS)
+    parse_sibling_address(target, lambda why: ProtocolError(why, "bad_value"))
+    return LinkRequest(target, f.rid())
+
+
+def _unlink(f: _Fields) -> UnlinkRequest:
+    return UnlinkRequest(f.string("sibling", MAX_ID_CHARS + 1 + MAX_ENDPOINT_CHARS), f.rid())
+
+
+def _reply(f: _Fields) -> Reply:
+    ok = f.boolean("ok")
+    if ok:
+        body = {k: v for k, v in f.obj.items() if k not in ("v", "t", "ok", "rid")}
+        return Reply(f.rid(), True, body)
+    error = f.get("error")
+    if not isinstance(error, dict):
+        raise f._fail("error", "must be a map with code and message")
+    return Reply(f.rid(), False, {}, str(error.get("code", "")), str(error.get("message", "")))
+
+
+def _view(f: _Fields) -> ViewUpdate:
+    ts = f.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise f._fail("ts", "must be a number")
+    return ViewUpdate({k: v for k, v in f.obj.items() if k not in ("v", "t", "ts")}, float(ts))
+
+
+_DECODERS: dict[MessageType, Any] = {
+    MessageType.HELLO: _hello,
+    MessageType.ADVERTS: _adverts,
+    MessageType.DIGEST: _digest,
+    MessageType.PING: _ping,
+    MessageType.BYE: _bye,
+    MessageType.STATUS: lambda f: StatusRequest(f.rid()),
+    MessageType.SET: _set,
+    MessageType.LINK: _link,
+    MessageType.UNLINK: _unlink,
+    MessageType.NODES: lambda f: NodesRequest(f.rid()),
+    MessageType.WATCH: lambda f: WatchRequest(f.rid()),
+    MessageType.REPLY: _reply,
+    MessageType.VIEW: _view,
+}
+
+# ---------------------------------------------------------------------------- value checks
+# Shared by the decoder, the core (for values typed at a prompt) and the CLI.
+
+Fail: TypeAlias = Any  # a callable taking the reason and returning the exception to raise
+
+
+def _default_fail(why: str) -> ProtocolError:
+    return ProtocolError(why, "bad_value")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _uint(value: Any, limit: int, fail: Fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise fail(f"must be an integer in 0..{limit}, got {value!r}")
+    return value
+
+
+def check_node_id(value: Any, fail: Fail = _default_fail) -> str:
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS
+            or not _ID_RE.fullmatch(value)):
+        raise fail(f"must be a node id (1..{MAX_ID_CHARS} of A-Z a-z 0-9 _ . -, starting with "
+                   f"a letter or digit), got {value!r}")
+    return value
+
+
+def check_endpoint(value: Any, fail: Fail = _default_fail) -> str:
+    if (not isinstance(value, str) or len(value) > MAX_ENDPOINT_CHARS
+            or not _ENDPOINT_RE.fullmatch(value)):
+        raise fail(f"must be an endpoint like tcp://127.0.0.1:5001, got {value!r}")
+    if value.startswith("tcp://") and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        raise fail(f"has a port out of range 1..65535: {value!r}")
+    return value
+
+
+def check_power(value: Any, fail: Fail = _default_fail) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail(f"must be a number of kW, got {_kind(value)}")
+    number = float(value)
+    if not math.isfinite(number) or not 0.0 <= number <= MAX_POWER_KW:
+        raise fail(f"must be a finite number of kW in 0..{MAX_POWER_KW:g}, got {value!r}")
+    return number
+
+
+def parse_sibling_address(text: str, fail: Fail = _default_fail) -> tuple[str | None, str]:
+    """`tcp://host:port` or `ID@tcp://host:port` to (expected id or None, endpoint)."""
+    expected, sep, endpoint = text.partition("@")
+    if not sep:
+        return None, check_endpoint(text, fail)
+    return check_node_id(expected, fail), check_endpoint(endpoint, fail)
