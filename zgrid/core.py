@@ -82,7 +82,7 @@ from zgrid.wire import (
 _UNIT_EXP = 1074
 _UNIT_SCALE = 1 << _UNIT_EXP
 
-HELLO_RETRY_MIN_S = 0.05
+HELLO_RETRY_MIN_S = 0.01  # the first HELLO on a fresh connection is often dropped (IMMEDIATE)
 HELLO_RETRY_MAX_S = 1.0
 REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become free
 WATCH_LEASE_S = 5.0  # a watch client re-sends `watch` more often than this to stay subscribed

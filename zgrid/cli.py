@@ -1,0 +1,298 @@
+"""The command-line entry points: zgrid-node, zgrid-ctl and zgrid-sim (click).
+
+Parsing and printing only. Everything these commands do is a call into the library (Node,
+Client, sim); no protocol logic lives here. Every failure a user can cause ends in a one-line
+message and a documented exit code, never a traceback:
+
+    0 ok   1 the node refused the request   2 usage error / cannot start   3 no reply in time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from zgrid.client import DEFAULT_TIMEOUT_S, Client
+from zgrid.errors import ControlError, NoReply, ZgridError
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NO_REPLY = 3
+LINK_WAIT_S = 3.0  # how long `zgrid-ctl link` waits to see the new link come up
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+# ================================================================================ zgrid-node
+
+
+@click.command(name="zgrid-node", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--id", "node_id", required=True, help="This node's id, unique in the grid.")
+@click.option("--bind", required=True, metavar="ENDPOINT",
+              help="Where to listen, e.g. tcp://127.0.0.1:5001.")
+@click.option("--advertise", metavar="ENDPOINT",
+              help="Endpoint other nodes dial (default: --bind).")
+@click.option("--sibling", "siblings", multiple=True, metavar="[ID@]ENDPOINT",
+              help="A sibling to link with (repeatable); it links back by itself.")
+@click.option("--production", type=float, default=0.0, show_default=True,
+              help="Initial production in kW (a node with saved state resumes its own).")
+@click.option("--consumption", type=float, default=0.0, show_default=True,
+              help="Initial consumption in kW (a node with saved state resumes its own).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the node keeps its state [default: ./.zgrid/ID].")
+@click.option("--ping-interval", type=click.FloatRange(min=0.01), default=0.25,
+              show_default=True, help="Seconds between pings to each sibling.")
+@click.option("--dead-after", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds of silence after which a sibling is DOWN.")
+@click.option("--forget-after", type=click.FloatRange(min=1.0), default=600.0,
+              show_default=True, help="Seconds after which unreachable nodes are forgotten.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="CurveZMQ keys directory: the grid's membership list (see zgrid-ctl keygen).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@click.option("--drop-rate", type=click.FloatRange(0.0, 1.0), default=0.0, hidden=True,
+              help="Testing only: drop this fraction of outgoing adverts messages.")
+def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[str, ...],
+              production: float, consumption: float, data_dir: Path | None,
+              ping_interval: float, dead_after: float, forget_after: float,
+              keys_dir: Path | None, log_level: str, drop_rate: float) -> None:
+    """Run one zgrid node in the foreground until SIGINT or SIGTERM."""
+    from zgrid.node import Node, NodeSettings
+    from zgrid.wire import check_endpoint, check_node_id, check_power
+
+    def usage(why: str) -> click.BadParameter:
+        return click.BadParameter(why)
+
+    check_node_id(node_id, lambda why: usage(f"--id {why}"))
+    check_endpoint(bind, lambda why: usage(f"--bind {why}"))
+    if advertise:
+        check_endpoint(advertise, lambda why: usage(f"--advertise {why}"))
+    elif "*" in bind or "0.0.0.0" in bind:
+        raise usage("--bind on a wildcard address needs --advertise with a dialable endpoint")
+    check_power(production, lambda why: usage(f"--production {why}"))
+    check_power(consumption, lambda why: usage(f"--consumption {why}"))
+    if dead_after <= ping_interval:
+        raise usage("--dead-after must be longer than --ping-interval")
+
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s.%(msecs)03d %(levelname)-7s {node_id}: %(message)s",
+        datefmt="%H:%M:%S")
+    settings = NodeSettings(
+        node_id=node_id, bind=bind, advertise=advertise, siblings=siblings,
+        production=production, consumption=consumption, data_dir=data_dir,
+        ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
+        keys_dir=keys_dir, drop_rate=drop_rate)
+    try:
+        node = Node(settings)
+    except ZgridError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    node.run()
+
+
+# ================================================================================ zgrid-ctl
+
+
+class _Ctl:
+    def __init__(self, node: str | None, as_json: bool, timeout: float, keys: Path | None,
+                 as_name: str) -> None:
+        self.node, self.json, self.timeout, self.keys, self.as_name = (
+            node, as_json, timeout, keys, as_name)
+
+    @contextmanager
+    def client(self) -> Iterator[Client]:
+        if not self.node:
+            _fail("say which node: --node ENDPOINT or ZGRID_NODE=ENDPOINT", EXIT_USAGE)
+        try:
+            with Client(self.node, self.timeout, keys_dir=self.keys,
+                        as_name=self.as_name) as client:
+                yield client
+        except NoReply as exc:
+            _fail(exc.message, EXIT_NO_REPLY)
+        except ControlError as exc:
+            _fail(exc.message, EXIT_USAGE if exc.code == "usage" else EXIT_REFUSED)
+        except ZgridError as exc:
+            _fail(exc.message, EXIT_USAGE)
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        if self.json:
+            click.echo(json.dumps(data, sort_keys=True))
+        else:
+            human()
+
+
+pass_ctl = click.make_pass_decorator(_Ctl)
+
+
+@click.group(name="zgrid-ctl", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--node", envvar="ZGRID_NODE", metavar="[ID@]ENDPOINT",
+              help="The node to talk to (or env ZGRID_NODE).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--timeout", type=click.FloatRange(min=0.01), default=DEFAULT_TIMEOUT_S,
+              show_default=True, help="Seconds to wait for a reply (then exit 3).")
+@click.option("--keys", type=click.Path(file_okay=False, path_type=Path),
+              help="CurveZMQ keys directory (see keygen).")
+@click.option("--as", "as_name", default="operator", show_default=True,
+              help="With --keys: whose secret key to use.")
+@click.pass_context
+def ctl_main(ctx: click.Context, node: str | None, as_json: bool, timeout: float,
+             keys: Path | None, as_name: str) -> None:
+    """Talk to one zgrid node."""
+    ctx.obj = _Ctl(node, as_json, timeout, keys, as_name)
+
+
+def _kw(x: float) -> str:
+    return f"{x:.3f} kW"
+
+
+@ctl_main.command()
+@pass_ctl
+def status(ctl: _Ctl) -> None:
+    """The node's own values and its view of the grid."""
+    with ctl.client() as client:
+        s = client.status()
+
+    def human() -> None:
+        click.echo(f"{s['id']}  {s['endpoint']}  (incarnation {s['incarnation']})")
+        click.echo(f"  production {_kw(s['production'])}   consumption "
+                   f"{_kw(s['consumption'])}   net {s['net']:+.3f} kW")
+        click.echo(f"grid: island of {s['island_size']}: {' '.join(s['island'])}")
+        click.echo(f"  total_net {s['total_net']:+.3f} kW   production "
+                   f"{_kw(s['total_production'])}   consumption {_kw(s['total_consumption'])}")
+        click.echo("siblings:" if s["siblings"] else "siblings: none")
+        for sib in s["siblings"]:
+            note = f"  ({sib['error']})" if sib["error"] else ""
+            click.echo(f"  {sib['id'] or '?':<12} {sib['endpoint']:<24} {sib['state']}{note}")
+        if s["conflict"]:
+            click.echo(f"CONFLICT: {s['conflict']}")
+
+    ctl.emit(s, human)
+
+
+@ctl_main.command(name="set")
+@click.option("--production", type=float, help="Production in kW.")
+@click.option("--consumption", type=float, help="Consumption in kW.")
+@pass_ctl
+def set_(ctl: _Ctl, production: float | None, consumption: float | None) -> None:
+    """Change this node's production and/or consumption."""
+    if production is None and consumption is None:
+        raise click.UsageError("give --production, --consumption or both")
+    with ctl.client() as client:
+        r = client.set(production, consumption)
+    ctl.emit(r, lambda: click.echo(
+        f"production {_kw(r['production'])}  consumption {_kw(r['consumption'])}  "
+        f"net {r['net']:+.3f} kW"))
+
+
+@ctl_main.command()
+@click.argument("endpoint", metavar="[ID@]ENDPOINT")
+@pass_ctl
+def link(ctl: _Ctl, endpoint: str) -> None:
+    """Link this node with a sibling (both ends end up linked)."""
+    with ctl.client() as client:
+        r = client.link(endpoint)
+        sibling = r["sibling"]
+        deadline = time.monotonic() + min(LINK_WAIT_S, ctl.timeout * 2)
+        while sibling["state"] == "connecting" and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the node's own status: a condition, not a fixed wait
+            current = [s for s in client.status()["siblings"]
+                       if s["endpoint"] == sibling["endpoint"]]
+            if not current:
+                break
+            sibling = current[0]
+    if sibling["state"] == "refused":
+        _fail(f"{sibling['endpoint']} refused the link: {sibling['error']}", EXIT_REFUSED)
+    ctl.emit(sibling, lambda: click.echo(
+        f"linked {sibling['id'] or '?'} at {sibling['endpoint']}: {sibling['state']}"
+        + ("" if sibling["up"] else " (the node keeps trying)")))
+
+
+@ctl_main.command()
+@click.argument("sibling", metavar="ENDPOINT_OR_ID")
+@pass_ctl
+def unlink(ctl: _Ctl, sibling: str) -> None:
+    """Remove a sibling, on both ends."""
+    with ctl.client() as client:
+        r = client.unlink(sibling)["unlinked"]
+    ctl.emit(r, lambda: click.echo(f"unlinked {r['id'] or '?'} at {r['endpoint']}"))
+
+
+@ctl_main.command()
+@pass_ctl
+def nodes(ctl: _Ctl) -> None:
+    """Every node this node knows of."""
+    with ctl.client() as client:
+        rows = client.nodes()
+    public = [{k: row[k] for k in ("id", "production", "consumption", "net", "reachable")}
+              for row in rows]
+
+    def human() -> None:
+        click.echo(f"{'id':<14}{'production':>14}{'consumption':>14}{'net':>14}  reachable")
+        for row in rows:
+            click.echo(f"{row['id']:<14}{row['production']:>14.3f}{row['consumption']:>14.3f}"
+                       f"{row['net']:>+14.3f}  {'yes' if row['reachable'] else 'no'}")
+
+    ctl.emit(public, human)
+
+
+@ctl_main.command()
+@pass_ctl
+def watch(ctl: _Ctl) -> None:
+    """Stream the node's view of the grid as it changes, until Ctrl-C."""
+    with ctl.client() as client:
+        try:
+            for view in client.watch():
+                line = {"ts": view["ts"], "id": view["id"], "total_net": view["total_net"],
+                        "island_size": view["island_size"], "island": view["island"],
+                        "total_production": view["total_production"],
+                        "total_consumption": view["total_consumption"]}
+                stamp = datetime.fromtimestamp(view["ts"]).isoformat(timespec="milliseconds")
+                text = (f"{stamp} {view['id']} total_net={view['total_net']:+.3f} kW "
+                        f"island={view['island_size']} ({' '.join(view['island'])})")
+                ctl.emit(line, lambda text=text: click.echo(text))  # type: ignore[misc]
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+
+
+@ctl_main.command()
+@click.option("--dir", "directory", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="The keys directory.")
+@click.argument("name")
+def keygen(directory: Path, name: str) -> None:
+    """Write a CurveZMQ keypair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)."""
+    from zgrid.security import keygen as make_keys
+
+    try:
+        public, secret = make_keys(directory, name)
+    except ZgridError as exc:
+        _fail(exc.message, EXIT_USAGE)
+    click.echo(f"wrote {public} and {secret}")
+
+
+# ================================================================================ zgrid-sim
+
+
+def sim_main() -> None:
+    """zgrid-sim: the simulator's command lives with the simulator (it needs the sim extras)."""
+    try:
+        from zgrid.sim import sim_command
+    except ImportError as exc:
+        _fail(f"zgrid-sim needs the simulator extras: pip install 'zgrid[sim]' ({exc})",
+              EXIT_USAGE)
+    sim_command()
+
+
+__all__ = ["ctl_main", "node_main", "sim_main"]
