@@ -56,6 +56,15 @@ def wait_until(predicate: Callable[[], T], timeout: float = DEFAULT_WAIT_S,
         time.sleep(interval)
 
 
+def holds_for(predicate: Callable[[], bool], seconds: float, interval: float = 0.02,
+              what: str = "condition") -> None:
+    """Check that `predicate` stays true for `seconds` (observing that nothing happens)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"{what} changed"
+        time.sleep(interval)
+
+
 def ctl(*args: str, node: str | None = None, timeout: float = 2.0,
         check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the real zgrid-ctl."""
@@ -96,7 +105,7 @@ class NodeProc:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
