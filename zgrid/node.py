@@ -12,6 +12,7 @@ mailbox: frames are handled one at a time, so the core needs no locks.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import random
@@ -194,6 +195,9 @@ class Node:
         poller.register(self._router, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
         log.info("%s listening on %s", self.settings.node_id, self.settings.bind)
+        if self.settings.keys_dir is None and not _is_loopback(self.settings.bind):
+            log.warning("plain TCP on %s, which is not a loopback address: anyone who can "
+                        "reach it can control this node; use --keys", self.settings.bind)
         try:
             self._perform(self.core.start(time.monotonic()))
             while not any(sig in STOP_SIGNALS for sig in self._signals):
@@ -317,3 +321,15 @@ class Node:
         update = ViewUpdate(view, time.time())
         for client in effect.watchers:
             self._respond(client, update)
+
+
+def _is_loopback(endpoint: str) -> bool:
+    if not endpoint.startswith("tcp://"):
+        return True  # ipc:// and inproc:// never leave the machine
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or a wildcard
