@@ -88,15 +88,23 @@ class NodeProc:
     data_dir: Path
     log_path: Path
     extra: tuple[str, ...] = ()
+    keys: Path | None = None  # a CurveZMQ keys directory: then everything speaks CURVE
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
         return f"tcp://{HOST}:{self.port}"
 
+    @property
+    def address(self) -> str:
+        """How others must name this node: ID@ENDPOINT with keys, else the endpoint."""
+        return f"{self.id}@{self.endpoint}" if self.keys else self.endpoint
+
     def start(self, *args: str) -> NodeProc:
+        keys = ("--keys", str(self.keys)) if self.keys else ()
         cmd = [str(BIN / "zgrid-node"), "--id", self.id, "--bind", self.endpoint,
-               "--data-dir", str(self.data_dir), "--log-level", "debug", *self.extra, *args]
+               "--data-dir", str(self.data_dir), "--log-level", "debug", *keys, *self.extra,
+               *args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         return self
@@ -123,13 +131,14 @@ class NodeProc:
 
     def ctl(self, *args: str, timeout: float = 2.0, check: bool = False
             ) -> subprocess.CompletedProcess[str]:
-        return ctl(*args, node=self.endpoint, timeout=timeout, check=check)
+        keys = ("--keys", str(self.keys)) if self.keys else ()
+        return ctl(*keys, *args, node=self.address, timeout=timeout, check=check)
 
     def ctl_json(self, *args: str, timeout: float = 2.0) -> Any:
         return json.loads(self.ctl("--json", *args, timeout=timeout, check=True).stdout)
 
     def client(self, timeout: float = 2.0) -> Client:
-        return Client(self.endpoint, timeout)
+        return Client(self.address, timeout, keys_dir=self.keys)
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
         with self.client(timeout) as client:
@@ -147,9 +156,10 @@ class Grid:
     nodes: list[NodeProc] = field(default_factory=list)
 
     def add(self, node_id: str, *args: str, extra: tuple[str, ...] = FAST,
-            data_dir: Path | None = None, port: int | None = None) -> NodeProc:
+            data_dir: Path | None = None, port: int | None = None, keys: Path | None = None
+            ) -> NodeProc:
         node = NodeProc(node_id, port or free_port(), data_dir or self.tmp / node_id,
-                        self.tmp / f"{node_id}.{len(self.nodes)}.log", extra)
+                        self.tmp / f"{node_id}.{len(self.nodes)}.log", extra, keys)
         self.nodes.append(node)
         node.start(*args)
         wait_until(lambda: node.status(timeout=0.5), what=f"{node_id} to answer")

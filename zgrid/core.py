@@ -48,6 +48,7 @@ and the simulator (sim.py) drive it and perform the effects it returns.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -88,6 +89,7 @@ REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become fre
 WATCH_LEASE_S = 5.0  # a watch client re-sends `watch` more often than this to stay subscribed
 BAD_FRAME_LOG_INTERVAL_S = 10.0  # at most one log line per interval about bad frames
 HASH_MISMATCHES_BEFORE_DIGEST = 2  # one mismatch is normal while a flood is in flight
+_REVOKED = "revoked: its key is no longer in the keys directory"
 
 
 class LinkState(StrEnum):
@@ -117,6 +119,7 @@ class Config:
     forget_after_s: float = 600.0
     max_nodes: int = 40_000
     track_view: bool = True  # compute the view after every flush (False: only when read)
+    require_sibling_ids: bool = False  # with CurveZMQ: a sibling's key is found by its id
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +551,9 @@ class Core:
             address, lambda why: ControlError(f"link: {why}", "bad_value"))
         if endpoint == self.config.endpoint or expected == self.id:
             raise ControlError(f"cannot link {self.id} to itself", "bad_value")
+        if expected is None and self.config.require_sibling_ids:
+            raise ControlError(f"this grid uses keys: write the sibling as ID@{endpoint}",
+                               "bad_value")
         existing = self.siblings.get(endpoint) or (
             self._sibling_by_id(expected) if expected else None)
         if existing is not None:
@@ -583,23 +589,26 @@ class Core:
         """These ids are no longer members of the grid (their keys were removed): drop links."""
         out: list[Effect] = []
         revoked = set(member_ids)
-        for sib in list(self.siblings.values()):
-            if sib.name in revoked and sib.state is not LinkState.REFUSED:
+        for sib in self.siblings.values():
+            if sib.name in revoked and sib.error != _REVOKED:
                 was_up = sib.state is LinkState.UP
-                sib.state, sib.error = LinkState.REFUSED, "revoked: not a member of the grid"
-                sib.next_hello = float("inf")
-                out.append(Log(LogLevel.WARNING, f"{sib.name} revoked; link dropped"))
+                sib.state, sib.error, sib.next_hello = LinkState.REFUSED, _REVOKED, math.inf
+                self._outbox.pop(sib.endpoint, None)
+                out += [Disconnect(sib.endpoint),
+                        Log(LogLevel.WARNING, f"{sib.name} revoked; link dropped")]
                 if was_up:
                     self._bump()
         return out
 
-    def restore_members(self, member_ids: Iterable[str], now: float) -> None:
-        """Members whose keys are back may be dialed again."""
+    def restore_members(self, member_ids: Iterable[str], now: float) -> list[Effect]:
+        """Revoked siblings whose keys are back may be dialed again."""
         allowed = set(member_ids)
+        out: list[Effect] = []
         for sib in self.siblings.values():
-            if sib.state is LinkState.REFUSED and sib.name in allowed and sib.error.startswith(
-                    "revoked"):
+            if sib.error == _REVOKED and sib.name in allowed:
                 sib.state, sib.error, sib.next_hello = LinkState.DOWN, "", now
+                out.append(Connect(sib.endpoint, sib.id or sib.expected_id))
+        return out
 
     # ------------------------------------------------------------------------ time
 

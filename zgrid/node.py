@@ -42,6 +42,13 @@ from zgrid.core import (
     SendOnce,
 )
 from zgrid.errors import ProtocolError, ZgridError
+from zgrid.security import (
+    Membership,
+    ZapHandler,
+    authenticated_name,
+    secure_client,
+    secure_server,
+)
 from zgrid.store import Store
 from zgrid.wire import (
     MAX_FRAME_BYTES,
@@ -116,11 +123,18 @@ class Node:
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._random = random.Random()
         self._signals: list[int] = []
+        self._membership: Membership | None = None
+        self._zap: ZapHandler | None = None
+        self._refusals_logged: set[str] = set()
         self._store = self._open_store()
         try:
             restored = self._restored_state()
+            if settings.keys_dir is not None:
+                self._membership, self._zap = self._install_security(settings.keys_dir)
             self._router = self._bind_router()
         except BaseException:
+            if self._zap is not None:
+                self._zap.close()
             self._store.close()
             self._ctx.destroy(linger=0)
             raise
@@ -131,6 +145,7 @@ class Node:
             ping_interval_s=settings.ping_interval_s,
             dead_after_s=settings.dead_after_s,
             forget_after_s=settings.forget_after_s,
+            require_sibling_ids=settings.keys_dir is not None,
         )
         self.core = Core(config, restored)
 
@@ -155,8 +170,34 @@ class Node:
         extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)
         return replace(saved, siblings=saved.siblings + extra)
 
+    def _install_security(self, keys_dir: Path) -> tuple[Membership, ZapHandler]:
+        """The authenticator must be bound before the CURVE ROUTER: CURVE without ZAP lets
+        anyone in, so any failure here stops the node from starting."""
+        try:
+            membership = Membership(keys_dir)
+            membership.load_own(self.settings.node_id)
+            for address in self.settings.siblings:
+                expected, endpoint = parse_sibling_address(address)
+                if expected is None:
+                    raise StartupError(f"with --keys, write --sibling as ID@{endpoint}, so "
+                                       "its public key can be checked")
+                membership.public_key(expected)
+            for problem in membership.problems:
+                log.warning("keys: %s", problem)
+            return membership, ZapHandler(self._ctx, membership)
+        except StartupError:
+            raise
+        except ZgridError as exc:
+            raise StartupError(exc.message) from None
+
     def _bind_router(self) -> zmq.Socket[bytes]:
         router: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
+        if self._membership is not None:
+            try:
+                secure_server(router, self._membership, self.settings.node_id)
+            except ZgridError as exc:
+                router.close(linger=0)
+                raise StartupError(exc.message) from None
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -169,8 +210,18 @@ class Node:
             raise StartupError(f"cannot bind {self.settings.bind}: {exc.strerror}") from None
         return router
 
-    def _dealer(self, endpoint: str, immediate: bool) -> zmq.Socket[bytes]:
+    def _dealer(self, endpoint: str, peer_id: str | None, immediate: bool
+                ) -> zmq.Socket[bytes] | None:
         dealer: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        if self._membership is not None:
+            try:
+                if peer_id is None:
+                    raise ZgridError(f"no id for {endpoint}: with --keys, write ID@ENDPOINT")
+                secure_client(dealer, self._membership, self.settings.node_id, peer_id)
+            except ZgridError as exc:
+                dealer.close(linger=0)
+                log.error("cannot dial %s: %s", endpoint, exc.message)
+                return None
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IMMEDIATE, 1 if immediate else 0)
         dealer.setsockopt(zmq.SNDHWM, SIBLING_SNDHWM_MSGS)
@@ -194,6 +245,8 @@ class Node:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap.socket, zmq.POLLIN)
         log.info("%s listening on %s", self.settings.node_id, self.settings.bind)
         if self.settings.keys_dir is None and not _is_loopback(self.settings.bind):
             log.warning("plain TCP on %s, which is not a loopback address: anyone who can "
@@ -206,6 +259,8 @@ class Node:
                 ready = dict(poller.poll(timeout_ms))
                 if wake_r.fileno() in ready:
                     self._drain_wakeups(wake_r)
+                if self._zap is not None and self._zap.socket in ready:
+                    self._drain_zap()  # before the ROUTER: its handshakes wait on us
                 if self._router in ready:
                     self._drain_router()
                 now = time.monotonic()
@@ -227,6 +282,8 @@ class Node:
             dealer.close(linger=CLOSE_LINGER_MS)
         self._dealers.clear()
         self._router.close(linger=0)
+        if self._zap is not None:
+            self._zap.close()
         self._ctx.term()  # waits at most CLOSE_LINGER_MS for goodbyes still in flight
         self._store.close()
 
@@ -241,19 +298,63 @@ class Node:
             pass
         if signal.SIGHUP in self._signals:
             self._signals.remove(signal.SIGHUP)
+            self._reload_membership()
+
+    def _reload_membership(self) -> None:
+        if self._membership is None:
             log.info("SIGHUP: nothing to reload without --keys")
+            return
+        try:
+            removed = self._membership.reload()
+        except ZgridError as exc:
+            log.error("SIGHUP: keys not reloaded, the old membership stays: %s", exc.message)
+            return
+        log.info("SIGHUP: %d member(s); revoked: %s", len(self._membership.names()),
+                 ", ".join(sorted(removed)) or "none")
+        now = time.monotonic()
+        self._perform(self.core.revoke(removed, now))
+        self._perform(self.core.restore_members(self._membership.names(), now))
+
+    def _drain_zap(self) -> None:
+        assert self._zap is not None
+        for _ in range(MAX_DRAIN_FRAMES):
+            pending = self._zap.socket.poll(0, zmq.POLLIN)
+            if not pending:
+                return
+            refusal = self._zap.handle()
+            if refusal is not None and refusal not in self._refusals_logged:
+                self._refusals_logged.add(refusal)  # log each refused key once, not per retry
+                log.warning("%s", refusal)
 
     def _drain_router(self) -> None:
         for _ in range(MAX_DRAIN_FRAMES):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             now = time.monotonic()
-            client: ClientId = tuple(frames[:-1])
-            self._perform(self._dispatch(client, frames[-1], now))
+            client: ClientId = tuple(f.bytes for f in frames[:-1])
+            member = None
+            if self._membership is not None:
+                member = authenticated_name(frames[-1])
+                if member is None or member not in self._membership:
+                    self._perform(self._refuse_revoked(client, frames[-1].bytes, member, now))
+                    continue
+            self._perform(self._dispatch(client, frames[-1].bytes, member, now))
 
-    def _dispatch(self, client: ClientId, payload: bytes, now: float) -> list[Effect]:
+    def _refuse_revoked(self, client: ClientId, payload: bytes, member: str | None, now: float
+                        ) -> list[Effect]:
+        """A connection authenticated before its key was removed: serve it nothing more."""
+        error = ProtocolError(f"{member or 'this client'} is not a member of the grid "
+                              "(its key was revoked)", "revoked")
+        try:
+            error.peer = isinstance(decode(payload), _PEER_MESSAGES)
+        except ProtocolError as exc:
+            error.peer = exc.peer
+        return self.core.bad_frame(client, error, error.peer, now)
+
+    def _dispatch(self, client: ClientId, payload: bytes, member: str | None, now: float
+                  ) -> list[Effect]:
         try:
             msg = decode(payload)
         except ProtocolError as exc:
@@ -261,7 +362,7 @@ class Node:
         if isinstance(msg, _CONTROL_REQUESTS):
             return self.core.request(client, msg, now)
         if isinstance(msg, _PEER_MESSAGES):
-            return self.core.receive(msg, now)
+            return self.core.receive(msg, now, authenticated_as=member)
         error = ProtocolError(f"a node does not accept {type(msg).__name__} messages")
         return self.core.bad_frame(client, error, False, now)
 
@@ -278,15 +379,18 @@ class Node:
                     self._store.save(effect.state)
                 case Connect():
                     if effect.endpoint not in self._dealers:
-                        self._dealers[effect.endpoint] = self._dealer(effect.endpoint, True)
+                        dealer = self._dealer(effect.endpoint, effect.peer_id, immediate=True)
+                        if dealer is not None:
+                            self._dealers[effect.endpoint] = dealer
                 case Disconnect():
                     dealer = self._dealers.pop(effect.endpoint, None)
                     if dealer is not None:
                         dealer.close(linger=CLOSE_LINGER_MS)
                 case SendOnce():
-                    once = self._dealer(effect.endpoint, immediate=False)
-                    once.send(encode(effect.message), zmq.NOBLOCK)
-                    once.close(linger=CLOSE_LINGER_MS)
+                    once = self._dealer(effect.endpoint, effect.peer_id, immediate=False)
+                    if once is not None:
+                        once.send(encode(effect.message), zmq.NOBLOCK)
+                        once.close(linger=CLOSE_LINGER_MS)
                 case Publish():
                     self._publish(effect)
                 case Log():
