@@ -166,7 +166,7 @@ class Client:
                     return None
                 self._reset()
                 raise NoReply(f"no reply from {self.endpoint} within {self.timeout_s:g}s "
-                              "(is the node running, and is this its endpoint?)")
+                              "(is the node running, is this its endpoint, does it need --keys?)")
             try:
                 msg = decode(sock.recv())
             except ProtocolError:
