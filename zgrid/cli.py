@@ -99,7 +99,7 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         node = Node(settings)
     except ZgridError as exc:
         _fail(exc.message, EXIT_USAGE)
-    node.run()
+    sys.exit(node.run())
 
 
 # ================================================================================ zgrid-ctl

@@ -41,7 +41,7 @@ from zgrid.core import (
     Send,
     SendOnce,
 )
-from zgrid.errors import ProtocolError, ZgridError
+from zgrid.errors import ProtocolError, StoreError, ZgridError
 from zgrid.security import (
     Membership,
     ZapHandler,
@@ -235,7 +235,8 @@ class Node:
 
     # ------------------------------------------------------------------------ the loop
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """The actor loop; returns the process exit code (0, or 1 if state could not be saved)."""
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -252,23 +253,17 @@ class Node:
             log.warning("plain TCP on %s, which is not a loopback address: anyone who can "
                         "reach it can control this node; use --keys", self.settings.bind)
         try:
-            self._perform(self.core.start(time.monotonic()))
-            while not any(sig in STOP_SIGNALS for sig in self._signals):
-                timeout_ms = max(0, math.ceil((self.core.next_deadline() - time.monotonic())
-                                              * 1000))
-                ready = dict(poller.poll(timeout_ms))
-                if wake_r.fileno() in ready:
-                    self._drain_wakeups(wake_r)
-                if self._zap is not None and self._zap.socket in ready:
-                    self._drain_zap()  # before the ROUTER: its handshakes wait on us
-                if self._router in ready:
-                    self._drain_router()
-                now = time.monotonic()
-                if now >= self.core.next_deadline():
-                    self._perform(self.core.timer(now))
-                self._perform(self.core.flush(now))
+            code = 0
+            try:
+                self._perform(self.core.start(time.monotonic()))
+                self._loop(poller, wake_r)
+            except StoreError as exc:
+                # The core has changed state that is not on disk: stop before acknowledging it.
+                log.error("cannot save this node's state, stopping: %s", exc.message)
+                code = 1
             log.info("%s stopping", self.settings.node_id)
             self._perform(self.core.stop(time.monotonic()))
+            return code
         finally:
             signal.set_wakeup_fd(previous_fd)
             for sig, handler in previous.items():
@@ -276,6 +271,21 @@ class Node:
             wake_r.close()
             wake_w.close()
             self.close()
+
+    def _loop(self, poller: zmq.Poller, wake_r: socket.socket) -> None:
+        while not any(sig in STOP_SIGNALS for sig in self._signals):
+            timeout_ms = max(0, math.ceil((self.core.next_deadline() - time.monotonic()) * 1000))
+            ready = dict(poller.poll(timeout_ms))
+            if wake_r.fileno() in ready:
+                self._drain_wakeups(wake_r)
+            if self._zap is not None and self._zap.socket in ready:
+                self._drain_zap()  # before the ROUTER: its handshakes wait on us
+            if self._router in ready:
+                self._drain_router()
+            now = time.monotonic()
+            if now >= self.core.next_deadline():
+                self._perform(self.core.timer(now))
+            self._perform(self.core.flush(now))
 
     def close(self) -> None:
         for dealer in self._dealers.values():
