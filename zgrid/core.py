@@ -255,9 +255,11 @@ class Core:
             self.siblings[endpoint] = _Sibling(endpoint, expected)
         self.adverts: dict[str, Advert] = {}
         self.table_hash = 0
+        # Counters are shared with the runtime, which adds what only it can see (bytes, drops).
         self.counters: dict[str, int] = {
-            "bad_frames": 0, "ignored": 0, "adverts_received": 0, "adverts_accepted": 0,
-            "sends_dropped": 0, "link_flaps": 0, "digests_sent": 0,
+            "messages_received": 0, "messages_sent": 0, "bytes_sent": 0, "bad_frames": 0,
+            "ignored": 0, "adverts_received": 0, "adverts_accepted": 0, "sends_dropped": 0,
+            "link_flaps": 0, "digests_sent": 0,
         }
         self.conflict = ""
         self._outbox: dict[str, dict[str, Advert]] = {}
@@ -307,6 +309,7 @@ class Core:
     def receive(self, msg: PeerMessage, now: float, authenticated_as: str | None = None
                 ) -> list[Effect]:
         """A decoded message from another node. `authenticated_as`: the CURVE key's owner."""
+        self.counters["messages_received"] += 1
         if authenticated_as is not None and authenticated_as != msg.sender:
             self.counters["ignored"] += 1
             return [Log(LogLevel.WARNING, f"dropped a {type(msg).__name__.lower()} claiming to "

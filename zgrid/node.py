@@ -414,10 +414,14 @@ class Node:
                 self._random.random() < self.settings.drop_rate):
             self.core.counters["sends_dropped"] += 1
             return
+        frame = encode(message)
         try:
-            dealer.send(encode(message), zmq.NOBLOCK)
+            dealer.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not connected, or the sibling is slow: anti-entropy repairs it
             self.core.counters["sends_dropped"] += 1
+            return
+        self.core.counters["messages_sent"] += 1
+        self.core.counters["bytes_sent"] += len(frame)
 
     def _respond(self, client: ClientId, reply: Reply | ViewUpdate) -> None:
         if isinstance(reply, Reply) and reply.ok:
