@@ -328,10 +328,15 @@ class Simulator:
         self.connected[i].clear()
         self.timer_at[i] = math.inf
 
-    def restart(self, i: int) -> None:
-        """Start again from what was persisted (a new process: new nonce, next incarnation)."""
+    def restart(self, i: int, wiped: bool = False) -> None:
+        """Start again from what was persisted (a new process: new nonce, next incarnation).
+
+        wiped: the data directory was lost, so the node starts as if new (incarnation 1).
+        """
         if self.cores[i] is not None:
             return
+        if wiped:
+            self.persisted[i] = None
         core = self.cores[i] = Core(self._config(i), restored=self.persisted[i])
         self._handle(i, core.start(self.now))
 
@@ -390,8 +395,8 @@ class Simulator:
     def control(self, i: int, req: Any) -> wire.Reply | None:
         """Hand a control request to node i now; its reply (None if the node is down)."""
         core = self.cores[i]
-        if core is None:
-            return None
+        if core is None or self.frozen[i]:
+            return None  # a dead or frozen process answers nothing
         before = len(self.replies)
         self._handle(i, core.request(CONTROL_CLIENT, req, self.now))
         return self.replies[-1][2] if len(self.replies) > before else None
@@ -774,11 +779,55 @@ class Simulator:
             self.watch_cold_start = False
             self.stop_requested = True
 
+    def heal(self) -> None:
+        """End every fault now: restore cut links, lossless links, thaw, restart the crashed."""
+        self.cut.clear()
+        self.link_overrides.clear()
+        for i in range(self.n):
+            self.thaw(i)
+            if self.cores[i] is None:
+                self.restart(i)
+
+    def run_until_agreed(self, limit_s: float, step_s: float = 0.25, strict: bool = True
+                         ) -> Agreement:
+        """Advance in steps until `check_agreement` holds or limit_s more virtual seconds."""
+        deadline = self.now + limit_s
+        while True:
+            agreement = self.check_agreement(strict=strict)
+            if agreement.agreed or self.now >= deadline:
+                return agreement
+            self.run_until(min(deadline, self.now + step_s))
+
     def all_changes_settled(self) -> bool:
         return all(c.converged_at_s is not None or c.superseded for c in self.changes)
 
 
-# --------------------------------------------------------------------------------- preload
+# --------------------------------------------------------------------------------- warm-up
+
+
+def cold_start(sim: Simulator, edges: Sequence[tuple[int, int]],
+               values: Sequence[tuple[float, float]], limit_s: float = 60.0) -> float | None:
+    """The protocol path: start every node at t=0 with its values, feed each edge (u, v) to u
+    as a LinkRequest, and run until agreement (virtual seconds) or limit_s (None)."""
+    for i in range(sim.n):
+        sim.start_node(i, *values[i])
+    for u, v in edges:
+        sim.link(u, v)
+    sim.watch_for_cold_start()
+    if sim.cold_start_converged_s is None:
+        sim.run_until(sim.now + limit_s, stop_when_converged=True)
+    return sim.cold_start_converged_s
+
+
+def converged_sim(edges: Sequence[tuple[int, int]], values: Sequence[tuple[float, float]],
+                  seed: int = 1, limit_s: float = 10.0, **options: Any) -> Simulator:
+    """A simulator of len(values) nodes n0.. cold-started over `edges` until they agree
+    (raises SimError if they do not within limit_s virtual seconds). For tests and notebooks."""
+    sim = Simulator([f"n{i}" for i in range(len(values))], seed=seed, **options)
+    if cold_start(sim, edges, values, limit_s) is None:
+        raise SimError(f"no agreement within {limit_s} virtual seconds")
+    sim.run_until(sim.now + 1e-3)  # let the last batch land everywhere
+    return sim
 
 
 def preload_converged(sim: Simulator, edges: Sequence[tuple[int, int]],
@@ -1072,6 +1121,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
     names, edges = build_graph(sc.topology, sc.nodes, sc.degree, rng.randrange(2**32),
                                sc.edges_file)
     n = len(names)
+    faults = [parse_fault(kind, text, names, edges) for kind, text in sc.faults]
     values = read_values(sc.values_file, names) if sc.values_file else random_values(rng, n)
     diameter, diameter_exact = graph_diameter(n, edges)
     start_mode = sc.start if sc.start != "auto" else (
@@ -1086,13 +1136,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
     sim.progress = lambda now: report(now)
     cold_start_s: float | None = None
     if start_mode == "cold":
-        for i in range(n):
-            sim.start_node(i, *values[i])
-        for u, v in edges:
-            sim.link(u, v)
-        sim.watch_for_cold_start()
-        sim.run_until(sc.cold_start_limit_s, stop_when_converged=True)
-        cold_start_s = sim.cold_start_converged_s
+        cold_start_s = cold_start(sim, edges, values, sc.cold_start_limit_s)
     elif start_mode == "preload":
         preload_converged(sim, edges, values)
     else:
@@ -1107,7 +1151,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
         consumption = rng.uniform(0.0, 8.0)
         sim.at(t, partial(sim.set_value, node, production, consumption, True), node)
     last_fault = t0
-    for fault in (parse_fault(kind, text, names, edges) for kind, text in sc.faults):
+    for fault in faults:
         start, end = t0 + fault.start_s, None if fault.end_s is None else t0 + fault.end_s
         last_fault = max(last_fault, end if end is not None else start)
         if fault.kind == "partition":

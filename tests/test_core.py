@@ -1,0 +1,349 @@
+"""Unit tests of the sans-IO core: no sockets, no clock, no threads.
+
+Each test either hand-feeds typed messages to a `Core` or lets the simulator (zgrid/sim.py) move
+messages between a few cores under a virtual clock. Test names state the rule they check. These
+tests must never open a socket or sleep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from zgrid.core import (
+    MAX_LINKS_PER_ADVERT,
+    Config,
+    Core,
+    LinkState,
+    Persist,
+    Respond,
+    Send,
+    SendOnce,
+)
+from zgrid.sim import Simulator, converged_sim
+from zgrid.wire import (
+    Advert,
+    Adverts,
+    Bye,
+    ByeReason,
+    Hello,
+    LinkRequest,
+    SetRequest,
+    StatusRequest,
+    UnlinkRequest,
+)
+
+CLIENT = (b"test",)
+
+
+def core(node_id: str = "a", nonce: int = 1, **options: object) -> Core:
+    return Core(Config(node_id, f"tcp://{node_id}:7000", nonce, **options))  # type: ignore[arg-type]
+
+
+def advert(origin: str, incarnation: int, seq: int, production: float = 0.0,
+           consumption: float = 0.0, links: tuple[str, ...] = (), nonce: int = 99) -> Advert:
+    return Advert(origin, incarnation, seq, production, consumption, links,
+                  f"tcp://{origin}:7000", nonce)
+
+
+def pair() -> tuple[Simulator, Core, Core]:
+    """n0 - n1, linked and agreed."""
+    sim = converged_sim([(0, 1)], [(1.0, 0.5), (2.0, 0.25)])
+    a, b = sim.cores
+    assert a is not None and b is not None
+    return sim, a, b
+
+
+def from_sibling(sender: Core, *adverts: Advert) -> Adverts:
+    return Adverts(sender.id, sender.config.nonce, adverts)
+
+
+# ------------------------------------------------------------------------ merge rules
+
+
+def test_newer_version_replaces_older_and_older_or_equal_is_ignored() -> None:
+    _sim, a, b = pair()
+    now = 5.0
+    a.receive(from_sibling(b, advert("x", 1, 5, production=5.0)), now)
+    assert a.adverts["x"].seq == 5
+    a.receive(from_sibling(b, advert("x", 1, 3, production=3.0)), now)
+    assert a.adverts["x"].production == 5.0, "an older seq must not replace a newer one"
+    a.receive(from_sibling(b, advert("x", 1, 5, production=7.0)), now)
+    assert a.adverts["x"].production == 5.0, "an equal version must not replace the stored one"
+    a.receive(from_sibling(b, advert("x", 2, 1, production=9.0)), now)
+    assert a.adverts["x"].version == (2, 1), "a higher incarnation wins over any seq"
+
+
+def test_any_arrival_order_of_adverts_converges_to_the_same_table() -> None:
+    versions = [advert("x", 1, 1, 1.0), advert("x", 1, 4, 4.0), advert("x", 2, 1, 8.0),
+                advert("y", 1, 2, 2.0), advert("y", 1, 1, 1.5)]
+    tables = set()
+    for order in itertools.permutations(versions):
+        _sim, a, b = pair()
+        for item in order:
+            a.receive(from_sibling(b, item), 5.0)
+        tables.add(tuple(sorted((k, v.version, v.production) for k, v in a.adverts.items()
+                                if k in ("x", "y"))))
+    assert tables == {(("x", (2, 1), 8.0), ("y", (1, 2), 2.0))}
+
+
+def test_adverts_from_a_node_that_is_not_a_sibling_are_ignored() -> None:
+    _sim, a, _b = pair()
+    a.receive(Adverts("stranger", 5, (advert("x", 1, 1),)), 5.0)
+    assert "x" not in a.adverts
+    assert a.counters["ignored"] >= 1
+
+
+# ------------------------------------------------------------------------ two-way check, islands
+
+
+def test_a_link_listed_by_one_side_only_is_not_an_edge() -> None:
+    sim, a, b = pair()
+    now = sim.now
+    # n2 claims a link to n1, but n1's advert does not list n2: n2 is not reachable.
+    a.receive(from_sibling(b, advert("n2", 1, 1, production=100.0, links=("n1",))), now)
+    assert a.totals(now)[0] == math.fsum([1.0, -0.5, 2.0, -0.25])
+    assert not [n for n in a.nodes(now) if n["id"] == "n2"][0]["reachable"]
+    # Once n1 lists n2 too, the edge exists and n2's net is counted.
+    own_b = b.adverts["n1"]
+    both = advert("n1", own_b.incarnation, own_b.seq + 1, 2.0, 0.25, ("n0", "n2"),
+                  nonce=b.config.nonce)
+    a.receive(from_sibling(b, both), now)
+    assert a.totals(now)[0] == math.fsum([1.0, -0.5, 2.0, -0.25, 100.0])
+
+
+def test_unlink_splits_grid_into_two_islands_and_relink_merges_them() -> None:
+    values = [(1.5, 0.0), (0.0, 0.7), (2.25, 1.0), (0.0, 3.0)]
+    sim = converged_sim([(0, 1), (1, 2), (2, 3)], values)
+    reply = sim.unlink(1, 2)
+    assert reply is not None and reply.ok
+    sim.run_until(sim.now + 0.01)
+    left = math.fsum([1.5, -0.0, 0.0, -0.7])
+    right = math.fsum([2.25, -1.0, 0.0, -3.0])
+    for i, expected in ((0, left), (1, left), (2, right), (3, right)):
+        c = sim.cores[i]
+        assert c is not None
+        assert c.totals(sim.now)[0] == expected
+        assert c.watch_view(sim.now)["island_size"] == 2
+    assert sim.check_agreement(strict=True).agreed
+    sim.link(2, 1)
+    sim.run_until(sim.now + 0.01)
+    c0 = sim.cores[0]
+    assert c0 is not None and c0.watch_view(sim.now)["island_size"] == 4
+    assert sim.check_agreement(strict=True).agreed
+
+
+def test_a_node_without_links_is_an_island_of_one() -> None:
+    c = core()
+    c.request(CLIENT, SetRequest(3.5, 1.25), 0.0)
+    assert c.totals(0.0) == (2.25, 3.5, 1.25)
+    assert c.watch_view(0.0)["island"] == ["a"]
+
+
+# ------------------------------------------------------------------------ exact totals
+
+
+def test_totals_are_bit_identical_on_every_node_and_equal_fsum() -> None:
+    # Chosen so that naive left-to-right float addition depends on the order.
+    values = [(1e16, 0.0), (1.0, 0.0), (0.0, 1e16), (0.1, 0.0), (0.2, 0.0), (0.0, 0.3),
+              (1e-300, 0.0), (3.0, 0.0)]
+    terms = [x for p, c in values for x in (p, -c)]
+    assert sum(terms) != sum(reversed(terms)) or sum(terms) != math.fsum(terms)
+    edges = [(i, i + 1) for i in range(len(values) - 1)] + [(0, 7), (2, 5)]
+    sim = converged_sim(edges, values)
+    totals = {c.totals(sim.now)[0].hex() for c in sim.cores if c is not None}
+    assert totals == {math.fsum(terms).hex()}
+
+
+def test_changing_values_keeps_totals_exact_without_recomputing_the_island() -> None:
+    values = [(0.1, 0.0)] * 5
+    sim = converged_sim([(0, 1), (1, 2), (2, 3), (3, 4)], values)
+    for k, v in enumerate([0.7, 1e-17, 5e15, 0.3]):
+        sim.set_value(k % 5, v, 0.1)
+        sim.run_until(sim.now + 0.01)
+    expected = math.fsum(x for c in sim.cores if c is not None
+                         for x in (c.production, -c.consumption))
+    assert {c.totals(sim.now)[0] for c in sim.cores if c is not None} == {expected}
+
+
+# ------------------------------------------------------------------------ identity
+
+
+def test_restarted_node_with_wiped_data_bumps_above_its_past_life() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0)] * 3)
+    for k in range(5):  # give n0's past life a high seq
+        sim.set_value(0, float(k), 0.0)
+    sim.run_until(sim.now + 0.01)
+    n1 = sim.cores[1]
+    assert n1 is not None
+    past = n1.adverts["n0"].version
+    sim.crash(0)
+    sim.run_until(sim.now + 2.0)
+    sim.restart(0, wiped=True)
+    agreement = sim.run_until_agreed(10.0)
+    assert agreement.agreed, agreement.problems
+    n0 = sim.cores[0]
+    assert n0 is not None
+    assert n0.adverts["n0"].version > past
+    assert n1.adverts["n0"].version == n0.adverts["n0"].version
+    assert not n0.conflict
+
+
+def test_duplicate_id_is_reported_and_never_bump_wars() -> None:
+    _sim, a, b = pair()
+    versions = []
+    duplicate_nonce = 424242
+    for _ in range(20):
+        mine = a.adverts["n0"]
+        # The duplicate always outbids whatever we just published.
+        a.receive(from_sibling(b, advert("n0", mine.incarnation, mine.seq + 1,
+                                         nonce=duplicate_nonce)), 5.0)
+        versions.append(a.adverts["n0"].version)
+    assert len(set(versions)) <= 2, f"bump war: {versions}"
+    assert "another live node uses the id n0" in a.conflict
+
+
+def test_hello_from_an_id_alive_elsewhere_in_the_island_is_refused() -> None:
+    _sim, a, b = pair()
+    impostor = Hello("n1", nonce=777, endpoint="tcp://elsewhere:9", ack=False,
+                     dialed="tcp://n0:7000")
+    effects = a.receive(impostor, 5.0)
+    refusals = [e for e in effects if isinstance(e, SendOnce)]
+    assert len(refusals) == 1
+    bye = refusals[0].message
+    assert isinstance(bye, Bye) and bye.reason is ByeReason.DUPLICATE_ID
+    assert a._sibling_by_id("n1") is not None and a._sibling_by_id("n1").nonce == b.config.nonce
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def test_several_sets_in_one_instant_leave_as_one_adverts_message_per_sibling() -> None:
+    sim = converged_sim([(0, 1), (0, 2)], [(0.0, 0.0)] * 3)
+    hub = sim.cores[0]
+    assert hub is not None
+    now = sim.now
+    hub.flush(now)  # nothing pending
+    for v in (1.0, 2.0, 3.0):
+        hub.request(CLIENT, SetRequest(v, None), now)
+    sends = [e for e in hub.flush(now) if isinstance(e, Send)]
+    assert sorted(e.endpoint for e in sends) == ["tcp://n1:7000", "tcp://n2:7000"]
+    for e in sends:
+        assert isinstance(e.message, Adverts)
+        assert [(x.origin, x.production, x.seq) for x in e.message.adverts] == [
+            ("n0", 3.0, hub.seq)]
+    assert hub.flush(now) == []
+
+
+def test_a_flood_is_not_sent_back_to_the_sibling_it_came_from() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(0.0, 0.0)] * 3)
+    middle, left = sim.cores[1], sim.cores[0]
+    assert middle is not None and left is not None
+    middle.receive(from_sibling(left, advert("x", 1, 1)), sim.now)
+    sends = [e for e in middle.flush(sim.now) if isinstance(e, Send)]
+    assert [e.endpoint for e in sends] == ["tcp://n2:7000"]
+
+
+# ------------------------------------------------------------------------ control
+
+
+@pytest.mark.parametrize("request_", [
+    SetRequest(-1.0, None), SetRequest(math.nan, None), SetRequest(None, math.inf),
+    SetRequest(2e9, None), SetRequest(None, -0.5), SetRequest(True, None),  # type: ignore[arg-type]
+])
+def test_bad_values_are_refused_with_a_control_error_and_no_state_change(
+        request_: SetRequest) -> None:
+    c = core()
+    c.request(CLIENT, SetRequest(1.0, 2.0), 0.0)
+    before = (c.production, c.consumption, c.seq, c.table_hash)
+    effects = c.request(CLIENT, request_, 1.0)
+    assert len(effects) == 1 and isinstance(effects[0], Respond)
+    reply = effects[0].reply
+    assert not reply.ok and reply.code == "bad_value" and reply.message
+    assert (c.production, c.consumption, c.seq, c.table_hash) == before
+
+
+def test_a_valid_set_persists_before_it_replies() -> None:
+    c = core()
+    effects = c.request(CLIENT, SetRequest(4.0, None, rid=7), 0.0)
+    kinds = [type(e) for e in effects]
+    assert kinds.index(Persist) < kinds.index(Respond)
+    reply = effects[-1].reply  # type: ignore[union-attr]
+    assert reply.ok and reply.rid == 7 and reply.body["net"] == 4.0
+
+
+def test_link_to_itself_and_unlink_of_a_stranger_are_refused() -> None:
+    c = core()
+    self_link = c.request(CLIENT, LinkRequest("tcp://a:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
+    assert not self_link.ok and self_link.code == "bad_value"
+    stranger = c.request(CLIENT, UnlinkRequest("zz"), 0.0)[-1].reply  # type: ignore[union-attr]
+    assert not stranger.ok and stranger.code == "unknown_sibling"
+    assert c.siblings == {}
+
+
+def test_more_siblings_than_an_advert_can_list_are_refused() -> None:
+    c = core()
+    for k in range(MAX_LINKS_PER_ADVERT):
+        assert c.request(CLIENT, LinkRequest(f"tcp://p{k}:7000"), 0.0)[-1].reply.ok  # type: ignore[union-attr]
+    reply = c.request(CLIENT, LinkRequest("tcp://one-more:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
+    assert not reply.ok and reply.code == "too_many_siblings"
+
+
+# ------------------------------------------------------------------------ liveness
+
+
+def test_a_silent_sibling_goes_down_after_dead_after_and_leaves_the_island() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0), (2.0, 0.0), (4.0, 0.0)],
+                        dead_after_s=1.0)
+    middle = sim.cores[1]
+    assert middle is not None
+    sim.freeze(2)
+    frozen_at = sim.now
+    sim.run_until(frozen_at + 0.7)
+    assert middle.status(sim.now)["siblings"][-1]["up"], "down before dead_after"
+    sim.run_until(frozen_at + 1.3)
+    row = [s for s in middle.status(sim.now)["siblings"] if s["id"] == "n2"][0]
+    assert row["state"] == str(LinkState.DOWN)
+    assert "n2" not in middle.adverts["n1"].links
+    assert middle.totals(sim.now)[0] == 3.0
+    sim.thaw(2)
+    assert sim.run_until_agreed(5.0).agreed
+
+
+def test_anti_entropy_repairs_a_lost_message_via_ping_hash_mismatch() -> None:
+    from zgrid.sim import LinkModel
+
+    sim = converged_sim([(0, 1)], [(1.0, 0.0), (1.0, 0.0)], ping_interval_s=0.25)
+    receiver = sim.cores[1]
+    assert receiver is not None
+    sim.set_link_model(0, 1, LinkModel(loss=0.999999))
+    sim.set_value(0, 50.0, None)
+    sim.run_until(sim.now + 0.001)
+    sim.link_overrides.clear()
+    assert receiver.adverts["n0"].production == 1.0, "the update should have been lost"
+    sim.run_until(sim.now + 1.5)
+    assert receiver.adverts["n0"].production == 50.0
+    assert receiver.counters["digests_sent"] + sim.cores[0].counters["digests_sent"] > 0  # type: ignore[union-attr]
+
+
+def test_a_forgotten_node_is_not_resurrected_by_a_stale_copy() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0)] * 3, forget_after_s=2.0)
+    n0, n1 = sim.cores[0], sim.cores[1]
+    assert n0 is not None and n1 is not None
+    stale = n0.adverts["n2"]
+    sim.crash(2)
+    sim.run_until(sim.now + 5.0)  # dead_after, then forget_after, then a forget check
+    assert "n2" not in n0.adverts and "n2" not in n1.adverts
+    n0.receive(from_sibling(n1, stale), sim.now)
+    assert "n2" not in n0.adverts, "a stale copy brought a forgotten node back"
+    assert n0.totals(sim.now)[0] == 2.0
+
+
+def test_status_reports_siblings_and_known_nodes() -> None:
+    sim, a, _b = pair()
+    status = a.request(CLIENT, StatusRequest(rid=1), sim.now)[-1].reply.body  # type: ignore[union-attr]
+    assert status["known_nodes"] == 2
+    assert [s["id"] for s in status["siblings"]] == ["n1"]
+    assert status["total_net"] == math.fsum([1.0, -0.5, 2.0, -0.25])
