@@ -232,7 +232,7 @@ def test_edge_list_and_values_files_are_read(tmp_path: Path) -> None:
                                                     (0.0, 12.5)]
     bad = tmp_path / "bad.csv"
     bad.write_text("plant,-1,0\n")
-    with pytest.raises(SimError, match="bad.csv:1"):
+    with pytest.raises(SimError, match=r"bad\.csv:1"):
         read_values(str(bad), names)
 
 

@@ -155,6 +155,9 @@ class LinkModel:
     latency: Latency = field(default_factory=Latency)
     loss: float = 0.0
     duplicate: float = 0.0
+    # Messages on one link arrive in order (ZeroMQ over TCP is FIFO per connection) unless this
+    # probability lets one take its own sampled latency and overtake earlier ones.
+    reorder: float = 0.0
 
 
 # --------------------------------------------------------------------------------- measurements
@@ -201,6 +204,7 @@ class Stats:
     actions: int = 0
     lost: int = 0
     duplicated: int = 0
+    reordered: int = 0
     dropped_cut: int = 0
     dropped_dead: int = 0
     dropped_unconnected: int = 0
@@ -280,6 +284,7 @@ class Simulator:
         self.stats = Stats()
         self._trace = hashlib.blake2b(digest_size=16)
         self._encode_cache: tuple[object, bytes] | None = None
+        self._last_arrival: dict[tuple[int, int], float] = {}  # per directed link (FIFO)
         self._sample_counter = 0
         self.replies: list[tuple[float, int, wire.Reply]] = []
         self.logs: deque[tuple[float, int, LogLevel, str]] = deque(maxlen=10_000)
@@ -309,7 +314,10 @@ class Simulator:
         self.cores[i] = Core(self._config(i))
         self._handle(i, self.cores[i].start(self.now))  # type: ignore[union-attr]
         if production or consumption:
-            self.control(i, SetRequest(production, consumption))
+            reply = self.control(i, SetRequest(production, consumption))
+            if reply is None or not reply.ok:
+                raise SimError(f"{self.names[i]}: initial values refused: "
+                               f"{reply.message if reply else 'no reply'}")
         self.values[i] = (production, consumption)
 
     def crash(self, i: int) -> None:
@@ -367,9 +375,11 @@ class Simulator:
         return reply
 
     def unlink(self, i: int, j: int) -> wire.Reply | None:
+        """The operator unlinks j from i (only i is told; j hears BYE if the link is up)."""
         reply = self.control(i, UnlinkRequest(self.names[j]))
-        self.adjacency[i].discard(j)
-        self.adjacency[j].discard(i)
+        if reply is not None and reply.ok:
+            self.adjacency[i].discard(j)
+            self.adjacency[j].discard(i)
         return reply
 
     def set_value(self, i: int, production: float | None = None,
@@ -718,11 +728,21 @@ class Simulator:
                 self._encode_cache = (msg, payload)
         else:
             payload = (msg, self._sample_size(msg))
-        now = self.now
-        self._push(now + model.latency.sample(rng), _DELIVER, j, i, payload)
+        self._push(self._arrival(i, j, model), _DELIVER, j, i, payload)
         if model.duplicate and rng.random() < model.duplicate:
             stats.duplicated += 1
-            self._push(now + model.latency.sample(rng), _DELIVER, j, i, payload)
+            self._push(self._arrival(i, j, model), _DELIVER, j, i, payload)
+
+    def _arrival(self, i: int, j: int, model: LinkModel) -> float:
+        at = self.now + model.latency.sample(self.rng)
+        if model.reorder and self.rng.random() < model.reorder:
+            self.stats.reordered += 1
+            return at
+        last = self._last_arrival.get((i, j), at)
+        if at < last:
+            at = last  # FIFO: equal times keep send order (the heap breaks ties by seq)
+        self._last_arrival[(i, j)] = at
+        return at
 
     def _sample_size(self, msg: wire.PeerMessage) -> int:
         """--wire fast: encode and decode one message in SAMPLE_EVERY_MESSAGES, check it.
@@ -1061,6 +1081,7 @@ class Scenario:
     changes: int = 100
     loss: float = 0.0
     duplicate: float = 0.0
+    reorder: float = 0.0
     latency: Latency = field(default_factory=Latency)
     faults: list[tuple[str, str]] = field(default_factory=list)  # (kind, START[-END]:TARGETS)
     edges_file: str | None = None
@@ -1127,7 +1148,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
     start_mode = sc.start if sc.start != "auto" else (
         "cold" if n <= COLD_START_MAX_NODES else "preload")
     sim = Simulator(names, seed=rng.randrange(2**32), wire_mode=sc.wire_mode,
-                    link=LinkModel(sc.latency, sc.loss, sc.duplicate))
+                    link=LinkModel(sc.latency, sc.loss, sc.duplicate, sc.reorder))
 
     def report(phase_end: float) -> None:
         if progress is not None:
@@ -1173,7 +1194,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
     step = 0.05
     while sim.now < deadline and not sim.all_changes_settled():
         sim.run_until(min(deadline, sim.now + step))
-    if sc.faults or sc.loss:
+    if sc.faults or sc.loss or sc.reorder:
         # Anti-entropy after heal needs pings (hash mismatch twice) and HELLO retries.
         sim.run_until(min(deadline, sim.now + 3.0))
     agreement = sim.check_agreement(strict=sc.strict)
@@ -1214,6 +1235,7 @@ def _run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None
         "delivered": stats.delivered,
         "lost": stats.lost,
         "duplicated": stats.duplicated,
+        "reordered": stats.reordered,
         "dropped_cut": stats.dropped_cut,
         "events": stats.events,
         "virtual_s": sim.now,
@@ -1276,6 +1298,8 @@ class _LatencyType(click.ParamType):  # type: ignore[type-arg]
               show_default=True, help="probability that a message is lost")
 @click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="probability that a message is delivered twice")
+@click.option("--reorder", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="probability that a message ignores per-link FIFO order (may overtake)")
 @click.option("--latency", type=_LatencyType(), default="60e-6", show_default=True,
               help="SECONDS | constant:S | uniform:LOW:HIGH | lognormal:MEDIAN:SIGMA")
 @click.option("--partition", multiple=True, metavar="START[-END]:LINKS",
@@ -1298,7 +1322,7 @@ class _LatencyType(click.ParamType):  # type: ignore[type-arg]
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def sim_command(nodes: int, topology: str, degree: int, seed: int, changes: int, loss: float,
-                duplicate: float, latency: Latency, partition: tuple[str, ...],
+                duplicate: float, reorder: float, latency: Latency, partition: tuple[str, ...],
                 crash: tuple[str, ...], freeze: tuple[str, ...], edges_file: str | None,
                 values_file: str | None, start: str, wire_mode: str, strict: bool,
                 as_json: bool, quiet: bool) -> None:
@@ -1307,8 +1331,8 @@ def sim_command(nodes: int, topology: str, degree: int, seed: int, changes: int,
                                                ("freeze", freeze)) for text in texts]
     try:
         sc = Scenario(nodes=nodes, topology=topology, degree=degree, seed=seed, changes=changes,
-                      loss=loss, duplicate=duplicate, latency=latency, faults=faults,
-                      edges_file=edges_file, values_file=values_file, start=start,
+                      loss=loss, duplicate=duplicate, reorder=reorder, latency=latency,
+                      faults=faults, edges_file=edges_file, values_file=values_file, start=start,
                       wire_mode=wire_mode, strict=strict)
     except SimError as exc:
         raise click.UsageError(str(exc)) from None
