@@ -461,32 +461,43 @@ class Core:
         return []
 
     def _learn(self, a: Advert, now: float, source: str | None) -> None:
-        self.counters["adverts_received"] += 1
-        if a.origin == self.id:
-            self._learn_about_self(a)
-            return
-        tomb = self._tombstones.get(a.origin)
-        if tomb is not None and a.version <= tomb[0]:
-            return  # forgotten on purpose: a sibling's stale copy must not resurrect it
-        old = self.adverts.get(a.origin)
-        if old is not None and a.version <= old.version:
-            return
-        if old is None and len(self.adverts) >= self.config.max_nodes:
-            self.counters["ignored"] += 1
-            return
-        self.counters["adverts_accepted"] += 1
+        # The hot path of the whole protocol (every advert of every message): keep it lean.
+        counters = self.counters
+        counters["adverts_received"] += 1
+        origin = a.origin
+        old = self.adverts.get(origin)
+        if old is not None:
+            if a.incarnation < old.incarnation or (
+                    a.incarnation == old.incarnation and a.seq <= old.seq):
+                return
+            if origin == self.id:
+                self._learn_about_self(a)
+                return
+        else:
+            tomb = self._tombstones.get(origin)
+            if tomb is not None and a.version <= tomb[0]:
+                return  # forgotten on purpose: a sibling's stale copy must not resurrect it
+            if len(self.adverts) >= self.config.max_nodes:
+                counters["ignored"] += 1
+                return
+        counters["adverts_accepted"] += 1
         self._store(a, old)
+        outbox = self._outbox
         for endpoint, sib in self.siblings.items():
             if sib.state is LinkState.UP and endpoint != source:
-                self._outbox.setdefault(endpoint, {})[a.origin] = a
+                queue = outbox.get(endpoint)
+                if queue is None:
+                    queue = outbox[endpoint] = {}
+                queue[origin] = a
 
     def _learn_about_self(self, a: Advert) -> None:
         if a.nonce == self.config.nonce or a.version <= (self.incarnation, self.seq):
             return  # our own echo, or an older life of ours
         seen = self._foreign_nonces.get(a.nonce)
-        self._foreign_nonces[a.nonce] = a.version
-        if seen is not None and a.version > seen:
-            # It outbid us after we outbid it: a live duplicate. Never bump-war; report.
+        self._foreign_nonces[a.nonce] = max(a.version, seen) if seen is not None else a.version
+        if seen is not None:
+            # It outbid us after we outbid it (or it re-sends a version we already met: a flood
+            # reaches us over several paths): a live duplicate. Never bump-war; report.
             if not self.conflict:
                 self.conflict = (f"another live node uses the id {self.id} (at {a.endpoint}); "
                                  "stop one of them")
