@@ -13,29 +13,55 @@ import math
 import pytest
 
 from zgrid.core import (
-    MAX_LINKS_PER_ADVERT,
+    REFUSED_RETRY_S,
+    WATCH_LEASE_S,
     Config,
+    Connect,
     Core,
+    Disconnect,
+    Effect,
     LinkState,
+    Log,
+    LogLevel,
     Persist,
+    Publish,
     Respond,
     Send,
     SendOnce,
 )
+from zgrid.errors import ProtocolError
 from zgrid.sim import Simulator, converged_sim
+from zgrid.table import AdvertTable, Merge
 from zgrid.wire import (
+    MAX_LINKS_PER_ADVERT,
     Advert,
     Adverts,
     Bye,
     ByeReason,
+    ControlRequest,
     Hello,
     LinkRequest,
+    PeerMessage,
+    Ping,
+    Reply,
     SetRequest,
     StatusRequest,
     UnlinkRequest,
+    WatchRequest,
 )
 
-CLIENT = (b"test",)
+CLIENT = (b"test",)  # a control client's routing envelope
+PEER = (b"peer",)  # the envelope of a sibling's DEALER
+
+
+def deliver(c: Core, msg: PeerMessage, now: float) -> list[Effect]:
+    """A message from another node, through the core's one inbound entry."""
+    return c.handle(PEER, msg, now)
+
+
+def ask(c: Core, req: ControlRequest, now: float) -> list[Effect]:
+    """A control request, through the same entry."""
+    return c.handle(CLIENT, req, now)
 
 
 def core(node_id: str = "a", nonce: int = 1, **options: object) -> Core:
@@ -66,14 +92,14 @@ def from_sibling(sender: Core, *adverts: Advert) -> Adverts:
 def test_newer_version_replaces_older_and_older_or_equal_is_ignored() -> None:
     _sim, a, b = pair()
     now = 5.0
-    a.receive(from_sibling(b, advert("x", 1, 5, production=5.0)), now)
-    assert a.adverts["x"].seq == 5
-    a.receive(from_sibling(b, advert("x", 1, 3, production=3.0)), now)
-    assert a.adverts["x"].production == 5.0, "an older seq must not replace a newer one"
-    a.receive(from_sibling(b, advert("x", 1, 5, production=7.0)), now)
-    assert a.adverts["x"].production == 5.0, "an equal version must not replace the stored one"
-    a.receive(from_sibling(b, advert("x", 2, 1, production=9.0)), now)
-    assert a.adverts["x"].version == (2, 1), "a higher incarnation wins over any seq"
+    deliver(a, from_sibling(b, advert("x", 1, 5, production=5.0)), now)
+    assert a.table.by_origin["x"].seq == 5
+    deliver(a, from_sibling(b, advert("x", 1, 3, production=3.0)), now)
+    assert a.table.by_origin["x"].production == 5.0, "an older seq must not replace a newer one"
+    deliver(a, from_sibling(b, advert("x", 1, 5, production=7.0)), now)
+    assert a.table.by_origin["x"].production == 5.0, "an equal version must not replace it"
+    deliver(a, from_sibling(b, advert("x", 2, 1, production=9.0)), now)
+    assert a.table.by_origin["x"].version == (2, 1), "a higher incarnation wins over any seq"
 
 
 def test_any_arrival_order_of_adverts_converges_to_the_same_table() -> None:
@@ -83,16 +109,16 @@ def test_any_arrival_order_of_adverts_converges_to_the_same_table() -> None:
     for order in itertools.permutations(versions):
         _sim, a, b = pair()
         for item in order:
-            a.receive(from_sibling(b, item), 5.0)
-        tables.add(tuple(sorted((k, v.version, v.production) for k, v in a.adverts.items()
+            deliver(a, from_sibling(b, item), 5.0)
+        tables.add(tuple(sorted((k, v.version, v.production) for k, v in a.table.by_origin.items()
                                 if k in ("x", "y"))))
     assert tables == {(("x", (2, 1), 8.0), ("y", (1, 2), 2.0))}
 
 
 def test_adverts_from_a_node_that_is_not_a_sibling_are_ignored() -> None:
     _sim, a, _b = pair()
-    a.receive(Adverts("stranger", 5, (advert("x", 1, 1),)), 5.0)
-    assert "x" not in a.adverts
+    deliver(a, Adverts("stranger", 5, (advert("x", 1, 1),)), 5.0)
+    assert "x" not in a.table
     assert a.counters["ignored"] >= 1
 
 
@@ -103,14 +129,14 @@ def test_a_link_listed_by_one_side_only_is_not_an_edge() -> None:
     sim, a, b = pair()
     now = sim.now
     # n2 claims a link to n1, but n1's advert does not list n2: n2 is not reachable.
-    a.receive(from_sibling(b, advert("n2", 1, 1, production=100.0, links=("n1",))), now)
+    deliver(a, from_sibling(b, advert("n2", 1, 1, production=100.0, links=("n1",))), now)
     assert a.totals(now)[0] == math.fsum([1.0, -0.5, 2.0, -0.25])
     assert not next(n for n in a.nodes(now) if n["id"] == "n2")["reachable"]
     # Once n1 lists n2 too, the edge exists and n2's net is counted.
-    own_b = b.adverts["n1"]
+    own_b = b.table.by_origin["n1"]
     both = advert("n1", own_b.incarnation, own_b.seq + 1, 2.0, 0.25, ("n0", "n2"),
                   nonce=b.config.nonce)
-    a.receive(from_sibling(b, both), now)
+    deliver(a, from_sibling(b, both), now)
     assert a.totals(now)[0] == math.fsum([1.0, -0.5, 2.0, -0.25, 100.0])
 
 
@@ -137,7 +163,7 @@ def test_unlink_splits_grid_into_two_islands_and_relink_merges_them() -> None:
 
 def test_a_node_without_links_is_an_island_of_one() -> None:
     c = core()
-    c.request(CLIENT, SetRequest(3.5, 1.25), 0.0)
+    ask(c, SetRequest(3.5, 1.25), 0.0)
     assert c.totals(0.0) == (2.25, 3.5, 1.25)
     assert c.watch_view(0.0)["island"] == ["a"]
 
@@ -178,7 +204,7 @@ def test_restarted_node_with_wiped_data_bumps_above_its_past_life() -> None:
     sim.run_until(sim.now + 0.01)
     n1 = sim.cores[1]
     assert n1 is not None
-    past = n1.adverts["n0"].version
+    past = n1.table.by_origin["n0"].version
     sim.crash(0)
     sim.run_until(sim.now + 2.0)
     sim.restart(0, wiped=True)
@@ -186,8 +212,8 @@ def test_restarted_node_with_wiped_data_bumps_above_its_past_life() -> None:
     assert agreement.agreed, agreement.problems
     n0 = sim.cores[0]
     assert n0 is not None
-    assert n0.adverts["n0"].version > past
-    assert n1.adverts["n0"].version == n0.adverts["n0"].version
+    assert n0.table.by_origin["n0"].version > past
+    assert n1.table.by_origin["n0"].version == n0.table.by_origin["n0"].version
     assert not n0.conflict
 
 
@@ -196,11 +222,11 @@ def test_duplicate_id_is_reported_and_never_bump_wars() -> None:
     versions = []
     duplicate_nonce = 424242
     for _ in range(20):
-        mine = a.adverts["n0"]
+        mine = a.table.by_origin["n0"]
         # The duplicate always outbids whatever we just published.
-        a.receive(from_sibling(b, advert("n0", mine.incarnation, mine.seq + 1,
+        deliver(a, from_sibling(b, advert("n0", mine.incarnation, mine.seq + 1,
                                          nonce=duplicate_nonce)), 5.0)
-        versions.append(a.adverts["n0"].version)
+        versions.append(a.table.by_origin["n0"].version)
     assert len(set(versions)) <= 2, f"bump war: {versions}"
     assert "another live node uses the id n0" in a.conflict
 
@@ -209,12 +235,13 @@ def test_hello_from_an_id_alive_elsewhere_in_the_island_is_refused() -> None:
     _sim, a, b = pair()
     impostor = Hello("n1", nonce=777, endpoint="tcp://elsewhere:9", ack=False,
                      dialed="tcp://n0:7000")
-    effects = a.receive(impostor, 5.0)
+    effects = deliver(a, impostor, 5.0)
     refusals = [e for e in effects if isinstance(e, SendOnce)]
     assert len(refusals) == 1
     bye = refusals[0].message
     assert isinstance(bye, Bye) and bye.reason is ByeReason.DUPLICATE_ID
-    assert a._sibling_by_id("n1") is not None and a._sibling_by_id("n1").nonce == b.config.nonce
+    sib = a.sibling("n1")
+    assert sib is not None and sib.nonce == b.config.nonce
 
 
 # ------------------------------------------------------------------------ batching
@@ -227,7 +254,7 @@ def test_several_sets_in_one_instant_leave_as_one_adverts_message_per_sibling() 
     now = sim.now
     hub.flush(now)  # nothing pending
     for v in (1.0, 2.0, 3.0):
-        hub.request(CLIENT, SetRequest(v, None), now)
+        ask(hub, SetRequest(v, None), now)
     sends = [e for e in hub.flush(now) if isinstance(e, Send)]
     assert sorted(e.endpoint for e in sends) == ["tcp://n1:7000", "tcp://n2:7000"]
     for e in sends:
@@ -241,7 +268,7 @@ def test_a_flood_is_not_sent_back_to_the_sibling_it_came_from() -> None:
     sim = converged_sim([(0, 1), (1, 2)], [(0.0, 0.0)] * 3)
     middle, left = sim.cores[1], sim.cores[0]
     assert middle is not None and left is not None
-    middle.receive(from_sibling(left, advert("x", 1, 1)), sim.now)
+    deliver(middle, from_sibling(left, advert("x", 1, 1)), sim.now)
     sends = [e for e in middle.flush(sim.now) if isinstance(e, Send)]
     assert [e.endpoint for e in sends] == ["tcp://n2:7000"]
 
@@ -256,18 +283,18 @@ def test_a_flood_is_not_sent_back_to_the_sibling_it_came_from() -> None:
 def test_bad_values_are_refused_with_a_control_error_and_no_state_change(
         request_: SetRequest) -> None:
     c = core()
-    c.request(CLIENT, SetRequest(1.0, 2.0), 0.0)
-    before = (c.production, c.consumption, c.seq, c.table_hash)
-    effects = c.request(CLIENT, request_, 1.0)
+    ask(c, SetRequest(1.0, 2.0), 0.0)
+    before = (c.production, c.consumption, c.seq, c.table.hash)
+    effects = ask(c, request_, 1.0)
     assert len(effects) == 1 and isinstance(effects[0], Respond)
     reply = effects[0].reply
     assert not reply.ok and reply.code == "bad_value" and reply.message
-    assert (c.production, c.consumption, c.seq, c.table_hash) == before
+    assert (c.production, c.consumption, c.seq, c.table.hash) == before
 
 
 def test_a_valid_set_persists_before_it_replies() -> None:
     c = core()
-    effects = c.request(CLIENT, SetRequest(4.0, None, rid=7), 0.0)
+    effects = ask(c, SetRequest(4.0, None, rid=7), 0.0)
     kinds = [type(e) for e in effects]
     assert kinds.index(Persist) < kinds.index(Respond)
     reply = effects[-1].reply  # type: ignore[union-attr]
@@ -276,9 +303,9 @@ def test_a_valid_set_persists_before_it_replies() -> None:
 
 def test_link_to_itself_and_unlink_of_a_stranger_are_refused() -> None:
     c = core()
-    self_link = c.request(CLIENT, LinkRequest("tcp://a:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
+    self_link = ask(c, LinkRequest("tcp://a:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
     assert not self_link.ok and self_link.code == "bad_value"
-    stranger = c.request(CLIENT, UnlinkRequest("zz"), 0.0)[-1].reply  # type: ignore[union-attr]
+    stranger = ask(c, UnlinkRequest("zz"), 0.0)[-1].reply  # type: ignore[union-attr]
     assert not stranger.ok and stranger.code == "unknown_sibling"
     assert c.siblings == {}
 
@@ -286,8 +313,8 @@ def test_link_to_itself_and_unlink_of_a_stranger_are_refused() -> None:
 def test_more_siblings_than_an_advert_can_list_are_refused() -> None:
     c = core()
     for k in range(MAX_LINKS_PER_ADVERT):
-        assert c.request(CLIENT, LinkRequest(f"tcp://p{k}:7000"), 0.0)[-1].reply.ok  # type: ignore[union-attr]
-    reply = c.request(CLIENT, LinkRequest("tcp://one-more:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
+        assert ask(c, LinkRequest(f"tcp://p{k}:7000"), 0.0)[-1].reply.ok  # type: ignore[union-attr]
+    reply = ask(c, LinkRequest("tcp://one-more:7000"), 0.0)[-1].reply  # type: ignore[union-attr]
     assert not reply.ok and reply.code == "too_many_siblings"
 
 
@@ -306,7 +333,7 @@ def test_a_silent_sibling_goes_down_after_dead_after_and_leaves_the_island() -> 
     sim.run_until(frozen_at + 1.3)
     row = next(s for s in middle.status(sim.now)["siblings"] if s["id"] == "n2")
     assert row["state"] == str(LinkState.DOWN)
-    assert "n2" not in middle.adverts["n1"].links
+    assert "n2" not in middle.table.by_origin["n1"].links
     assert middle.totals(sim.now)[0] == 3.0
     sim.thaw(2)
     assert sim.run_until_agreed(5.0).agreed
@@ -322,9 +349,9 @@ def test_anti_entropy_repairs_a_lost_message_via_ping_hash_mismatch() -> None:
     sim.set_value(0, 50.0, None)
     sim.run_until(sim.now + 0.001)
     sim.link_overrides.clear()
-    assert receiver.adverts["n0"].production == 1.0, "the update should have been lost"
+    assert receiver.table.by_origin["n0"].production == 1.0, "the update should have been lost"
     sim.run_until(sim.now + 1.5)
-    assert receiver.adverts["n0"].production == 50.0
+    assert receiver.table.by_origin["n0"].production == 50.0
     assert receiver.counters["digests_sent"] + sim.cores[0].counters["digests_sent"] > 0  # type: ignore[union-attr]
 
 
@@ -332,18 +359,210 @@ def test_a_forgotten_node_is_not_resurrected_by_a_stale_copy() -> None:
     sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0)] * 3, forget_after_s=2.0)
     n0, n1 = sim.cores[0], sim.cores[1]
     assert n0 is not None and n1 is not None
-    stale = n0.adverts["n2"]
+    stale = n0.table.by_origin["n2"]
     sim.crash(2)
     sim.run_until(sim.now + 5.0)  # dead_after, then forget_after, then a forget check
-    assert "n2" not in n0.adverts and "n2" not in n1.adverts
-    n0.receive(from_sibling(n1, stale), sim.now)
-    assert "n2" not in n0.adverts, "a stale copy brought a forgotten node back"
+    assert "n2" not in n0.table and "n2" not in n1.table
+    deliver(n0, from_sibling(n1, stale), sim.now)
+    assert "n2" not in n0.table, "a stale copy brought a forgotten node back"
     assert n0.totals(sim.now)[0] == 2.0
 
 
 def test_status_reports_siblings_and_known_nodes() -> None:
     sim, a, _b = pair()
-    status = a.request(CLIENT, StatusRequest(rid=1), sim.now)[-1].reply.body  # type: ignore[union-attr]
+    status = ask(a, StatusRequest(rid=1), sim.now)[-1].reply.body  # type: ignore[union-attr]
     assert status["known_nodes"] == 2
     assert [s["id"] for s in status["siblings"]] == ["n1"]
     assert status["total_net"] == math.fsum([1.0, -0.5, 2.0, -0.25])
+
+
+# ------------------------------------------------------------------------ one inbound entry
+
+
+def test_peer_messages_and_control_requests_arrive_through_the_same_entry() -> None:
+    sim, a, b = pair()
+    deliver(a, from_sibling(b, advert("x", 1, 1, production=3.0)), sim.now)
+    assert a.table.by_origin["x"].production == 3.0
+    (reply,) = [e for e in ask(a, StatusRequest(rid=4), sim.now) if isinstance(e, Respond)]
+    assert reply.reply.ok and reply.reply.rid == 4 and reply.with_runtime_counters
+
+
+def test_a_bad_frame_from_a_sibling_is_counted_and_one_from_a_client_is_answered() -> None:
+    c = core()
+    peer_error = ProtocolError("adverts message: field 'n' is missing", "bad_field", "adverts")
+    assert c.handle(PEER, peer_error, 0.0)[0] == Log(
+        LogLevel.WARNING, "dropped 1 bad frame(s) from peers; latest: " + peer_error.message)
+    assert c.handle(PEER, peer_error, 1.0) == [], "logged at most once per interval"
+    assert c.counters["bad_frames"] == 2
+    client_error = ProtocolError("frame is not valid msgpack", "bad_frame")
+    (answer,) = c.handle(CLIENT, client_error, 2.0)
+    assert isinstance(answer, Respond) and answer.client == CLIENT
+    assert not answer.reply.ok and answer.reply.code == "bad_frame"
+
+
+def test_a_message_a_node_never_accepts_is_answered_with_an_error() -> None:
+    (answer,) = core().handle(CLIENT, Reply(1, True), 0.0)
+    assert isinstance(answer, Respond) and answer.reply.code == "unknown_type"
+
+
+def test_a_revoked_member_is_served_nothing() -> None:
+    c = Core(Config("a", "tcp://a:7000", 1), members={"a", "op"})
+    (allowed,) = c.handle(CLIENT, StatusRequest(), 0.0, authenticated_as="op")
+    assert isinstance(allowed, Respond) and allowed.reply.ok
+    c.membership_changed({"a"}, 1.0)
+    (refused,) = c.handle(CLIENT, StatusRequest(), 1.0, authenticated_as="op")
+    assert isinstance(refused, Respond) and refused.reply.code == "revoked"
+    assert "op is not a member" in refused.reply.message
+    effects = c.handle(PEER, Ping("op", 5, 0), 2.0, authenticated_as="op")
+    assert not any(isinstance(e, Respond) for e in effects)
+    assert c.counters["bad_frames"] == 1, "a revoked sibling's frame is dropped, not answered"
+
+
+# ------------------------------------------------------------------------ lifecycle
+
+
+def test_stop_says_goodbye_to_up_siblings_and_disconnects_every_sibling() -> None:
+    sim, a, _b = pair()
+    ask(a, LinkRequest("tcp://never:7000"), sim.now)  # CONNECTING: no one to say goodbye to
+    effects = a.stop(sim.now)
+    byes = [e for e in effects if isinstance(e, Send)]
+    assert [(e.endpoint, e.message) for e in byes] == [
+        ("tcp://n1:7000", Bye("n0", a.config.nonce, ByeReason.STOPPING))]
+    assert sorted(e.endpoint for e in effects if isinstance(e, Disconnect)) == [
+        "tcp://n1:7000", "tcp://never:7000"]
+
+
+def test_a_node_that_dialled_itself_forgets_that_sibling() -> None:
+    c = core()
+    ask(c, LinkRequest("tcp://alias-of-a:7000"), 0.0)
+    hello = Hello("a", c.config.nonce, "tcp://a:7000", ack=False, dialed="tcp://alias-of-a:7000")
+    effects = deliver(c, hello, 0.1)
+    assert c.siblings == {}
+    assert Disconnect("tcp://alias-of-a:7000") in effects
+    assert any(isinstance(e, Persist) and e.state.siblings == () for e in effects)
+
+
+def test_a_sibling_that_is_not_the_expected_node_is_refused_and_not_linked() -> None:
+    c = core()
+    ask(c, LinkRequest("n9@tcp://x:7000"), 0.0)
+    deliver(c, Hello("n8", 5, "tcp://x:7000", ack=True, dialed="tcp://x:7000"), 0.5)
+    sib = c.sibling("tcp://x:7000")
+    assert sib is not None and sib.state is LinkState.REFUSED
+    assert sib.error == "expected node n9 at tcp://x:7000, found n8"
+    assert c.own_advert.links == ()
+    assert sib.next_hello == 0.5 + REFUSED_RETRY_S
+
+
+def test_a_refusal_goodbye_marks_the_link_refused_and_drops_it_from_our_links() -> None:
+    sim, a, b = pair()
+    deliver(a, Bye("n1", b.config.nonce, ByeReason.REFUSED, detail="not a member"), sim.now)
+    sib = a.sibling("n1")
+    assert sib is not None and sib.state is LinkState.REFUSED and sib.error == "not a member"
+    assert a.own_advert.links == ()
+    assert not a.conflict, "a plain refusal is not an id conflict"
+
+
+def test_a_duplicate_id_goodbye_reports_a_conflict() -> None:
+    sim, a, b = pair()
+    deliver(a, Bye("n1", b.config.nonce, ByeReason.DUPLICATE_ID, detail="n0 is alive"),
+            sim.now)
+    assert a.conflict == "n1 refused us: n0 is alive"
+    hello_ack = Hello("n1", b.config.nonce, "tcp://n1:7000", ack=True, dialed="tcp://n1:7000")
+    deliver(a, hello_ack, sim.now + 6.0)
+    assert not a.conflict, "an accepted link later clears the conflict"
+
+
+def test_a_goodbye_from_a_past_life_or_a_stranger_changes_nothing() -> None:
+    sim, a, b = pair()
+    ignored = a.counters["ignored"]
+    assert deliver(a, Bye("n1", b.config.nonce + 1, ByeReason.UNLINKED), sim.now) == []
+    assert deliver(a, Bye("zz", 3, ByeReason.STOPPING), sim.now) == []
+    assert a.counters["ignored"] == ignored + 2
+    sib = a.sibling("n1")
+    assert sib is not None and sib.state is LinkState.UP
+
+
+def test_a_revoked_sibling_is_dropped_and_dialled_again_once_its_key_is_back() -> None:
+    sim, a, _b = pair()
+    a.membership_changed({"n0", "n1"}, sim.now)
+    effects = a.membership_changed({"n0"}, sim.now)
+    sib = a.sibling("n1")
+    assert sib is not None and sib.state is LinkState.REFUSED and "revoked" in sib.error
+    assert Disconnect("tcp://n1:7000") in effects
+    assert a.own_advert.links == ()
+    assert not any(isinstance(e, Send) for e in a.timer(sim.now + 60.0)), "never re-dialled"
+    effects = a.membership_changed({"n0", "n1"}, sim.now + 61.0)
+    assert sib.state is LinkState.DOWN and sib.error == ""
+    assert Connect("tcp://n1:7000", "n1") in effects
+    assert any(isinstance(e, Send) and isinstance(e.message, Hello)
+               for e in a.timer(sim.now + 61.0))
+
+
+def test_a_watcher_that_stops_renewing_is_dropped_when_its_lease_ends() -> None:
+    c = core()
+    watcher = (b"watcher",)
+    c.handle(watcher, WatchRequest(rid=1), 0.0)
+    ask(c, SetRequest(1.0, None), 0.1)
+    (published,) = [e for e in c.flush(0.1) if isinstance(e, Publish)]
+    assert published.watchers == (watcher,)
+    c.timer(WATCH_LEASE_S + 0.01)
+    ask(c, SetRequest(2.0, None), WATCH_LEASE_S + 0.02)
+    (published,) = [e for e in c.flush(WATCH_LEASE_S + 0.02) if isinstance(e, Publish)]
+    assert published.watchers == ()
+
+
+def test_a_tombstone_expires_so_a_forgotten_origin_may_come_back_later() -> None:
+    table = AdvertTable("a", max_nodes=10)
+    table.put(advert("a", 1, 1))
+    table.merge(advert("gone", 1, 3))
+    table.island(0.0)  # "gone" is unreachable from now on
+    assert table.forget(10.0, forget_after_s=10.0) == ["gone"]
+    assert table.merge(advert("gone", 1, 3)) is Merge.FORGOTTEN
+    assert table.tombstone("gone") == (1, 3)
+    table.forget(20.0, forget_after_s=10.0)
+    assert table.tombstone("gone") is None, "a tombstone lasts forget_after, not forever"
+    assert table.merge(advert("gone", 1, 3)) is Merge.NEW
+
+
+def test_a_newer_version_of_a_forgotten_origin_is_not_a_stale_copy() -> None:
+    table = AdvertTable("a", max_nodes=10)
+    table.put(advert("a", 1, 1))
+    table.merge(advert("gone", 1, 3))
+    table.island(0.0)
+    table.forget(10.0, forget_after_s=10.0)
+    assert table.merge(advert("gone", 2, 1)) is Merge.NEW
+
+
+def test_a_forgotten_node_stays_forgotten_while_pings_and_digests_flow() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0)] * 3, forget_after_s=2.0)
+    sim.crash(2)
+    sim.run_until(sim.now + 5.0)
+    for i in (0, 1):
+        c = sim.cores[i]
+        assert c is not None and "n2" not in c.table
+    sim.run_until(sim.now + 30.0)  # 120 ping rounds, and a digest on every hash mismatch
+    for i in (0, 1):
+        c = sim.cores[i]
+        assert c is not None and "n2" not in c.table and len(c.table) == 2
+
+
+# ------------------------------------------------------------------------ durability
+
+
+def test_a_change_may_be_flooded_before_it_is_durable_but_a_new_incarnation_may_not() -> None:
+    c = core()
+    (persist, *_rest) = c.start(0.0)
+    assert isinstance(persist, Persist) and persist.new_incarnation
+    effects = ask(c, SetRequest(4.0, None), 0.1)
+    (change,) = [e for e in effects if isinstance(e, Persist)]
+    assert not change.new_incarnation, "a value change may leave before its fsync"
+    kinds = [type(e) for e in effects]
+    assert kinds.index(Persist) < kinds.index(Respond), "but its reply waits for it"
+
+
+def test_outbidding_a_past_life_persists_the_new_incarnation_before_anything_is_sent() -> None:
+    _sim, a, b = pair()
+    past = advert("n0", a.incarnation + 3, 1, nonce=a.config.nonce + 1)
+    (persist,) = deliver(a, from_sibling(b, past), 5.0)
+    assert isinstance(persist, Persist) and persist.new_incarnation
+    assert persist.state.incarnation == a.incarnation == past.incarnation + 1

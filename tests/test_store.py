@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from zgrid.core import PersistedState
 from zgrid.errors import StoreError
+from zgrid.persisted import PersistedState
 from zgrid.store import DB_FILE_NAME, LOCK_FILE_NAME, SCHEMA_VERSION, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

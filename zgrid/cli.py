@@ -64,10 +64,13 @@ def _fail(message: str, code: int) -> NoReturn:
               default="info", show_default=True)
 @click.option("--drop-rate", type=click.FloatRange(0.0, 1.0), default=0.0, hidden=True,
               help="Testing only: drop this fraction of outgoing adverts messages.")
+@click.option("--crash-before-save", is_flag=True, hidden=True,
+              help="Testing only: exit like kill -9 after flooding a change, before saving it.")
 def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[str, ...],
               production: float, consumption: float, data_dir: Path | None,
               ping_interval: float, dead_after: float, forget_after: float,
-              keys_dir: Path | None, log_level: str, drop_rate: float) -> None:
+              keys_dir: Path | None, log_level: str, drop_rate: float,
+              crash_before_save: bool) -> None:
     """Run one zgrid node in the foreground until SIGINT or SIGTERM."""
     from zgrid.node import Node, NodeSettings
     from zgrid.wire import check_endpoint, check_node_id, check_power
@@ -94,7 +97,7 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         node_id=node_id, bind=bind, advertise=advertise, siblings=siblings,
         production=production, consumption=consumption, data_dir=data_dir,
         ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
-        keys_dir=keys_dir, drop_rate=drop_rate)
+        keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save)
     try:
         node = Node(settings)
     except ZgridError as exc:

@@ -28,7 +28,13 @@ class ProtocolError(ZgridError):
     """
 
     code = "bad_request"
-    peer = False  # set by the decoder: the frame claimed a sibling-to-sibling message type
+
+    def __init__(self, message: str, code: str | None = None,
+                 message_type: str | None = None) -> None:
+        super().__init__(message, code)
+        # The `t` the frame claimed, once decoding got that far: it tells a sibling's bad
+        # frame (dropped and counted) from a control client's (answered with this error).
+        self.message_type = message_type
 
 
 class ControlError(ZgridError):

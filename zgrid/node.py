@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
 import random
 import signal
 import socket
@@ -35,13 +36,13 @@ from zgrid.core import (
     Log,
     LogLevel,
     Persist,
-    PersistedState,
     Publish,
     Respond,
     Send,
     SendOnce,
 )
 from zgrid.errors import ProtocolError, StoreError, ZgridError
+from zgrid.persisted import PersistedState
 from zgrid.security import (
     Membership,
     ZapHandler,
@@ -53,19 +54,10 @@ from zgrid.store import Store
 from zgrid.wire import (
     MAX_FRAME_BYTES,
     Adverts,
-    Bye,
-    DigestMsg,
-    Hello,
-    LinkRequest,
-    NodesRequest,
+    Message,
     PeerMessage,
-    Ping,
     Reply,
-    SetRequest,
-    StatusRequest,
-    UnlinkRequest,
     ViewUpdate,
-    WatchRequest,
     decode,
     encode,
     parse_sibling_address,
@@ -80,12 +72,10 @@ RECONNECT_IVL_MAX_MS = 5000
 HANDSHAKE_IVL_MS = 5000
 CLOSE_LINGER_MS = 200  # long enough for a BYE to leave before its socket closes
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CRASH_EXIT_CODE = 137  # what a shell reports for kill -9: the crash hook's exit looks the same
 _LOG_LEVELS = {LogLevel.DEBUG: logging.DEBUG, LogLevel.INFO: logging.INFO,
                LogLevel.WARNING: logging.WARNING, LogLevel.ERROR: logging.ERROR}
 
-_PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
-_CONTROL_REQUESTS = (StatusRequest, SetRequest, LinkRequest, UnlinkRequest, NodesRequest,
-                     WatchRequest)
 
 
 @dataclass(frozen=True)
@@ -102,6 +92,8 @@ class NodeSettings:
     forget_after_s: float = 600.0
     keys_dir: Path | None = None
     drop_rate: float = 0.0  # testing only: drop this fraction of outgoing `adverts` messages
+    # Testing only: exit at once (as kill -9 would) after flooding a change, before saving it.
+    crash_before_save: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -126,6 +118,10 @@ class Node:
         self._membership: Membership | None = None
         self._zap: ZapHandler | None = None
         self._refusals_logged: set[str] = set()
+        # What only the runtime sees; merged into every status reply.
+        self._counters = {"messages_sent": 0, "bytes_sent": 0, "sends_dropped": 0, "saves": 0}
+        self._unsaved: PersistedState | None = None  # flooded, not yet durable
+        self._held_replies: list[Respond] = []  # acknowledge `_unsaved`: wait for the save
         self._store = self._open_store()
         try:
             restored = self._restored_state()
@@ -147,7 +143,8 @@ class Node:
             forget_after_s=settings.forget_after_s,
             require_sibling_ids=settings.keys_dir is not None,
         )
-        self.core = Core(config, restored)
+        members = None if self._membership is None else self._membership.names()
+        self.core = Core(config, restored, members)
 
     # ------------------------------------------------------------------------ setup
 
@@ -286,6 +283,20 @@ class Node:
             if now >= self.core.next_deadline():
                 self._perform(self.core.timer(now))
             self._perform(self.core.flush(now))
+            self._save_and_acknowledge()
+
+    def _save_and_acknowledge(self) -> None:
+        """Group commit: one save for every change of this loop turn, after their flood went
+        out (the fsync no longer delays agreement), then the replies that acknowledge them."""
+        if self._unsaved is not None:
+            if self.settings.crash_before_save:
+                os._exit(CRASH_EXIT_CODE)
+            state, self._unsaved = self._unsaved, None
+            self._store.save(state)
+            self._counters["saves"] += 1
+        held, self._held_replies = self._held_replies, []
+        for effect in held:
+            self._respond(effect)
 
     def close(self) -> None:
         for dealer in self._dealers.values():
@@ -321,9 +332,7 @@ class Node:
             return
         log.info("SIGHUP: %d member(s); revoked: %s", len(self._membership.names()),
                  ", ".join(sorted(removed)) or "none")
-        now = time.monotonic()
-        self._perform(self.core.revoke(removed, now))
-        self._perform(self.core.restore_members(self._membership.names(), now))
+        self._perform(self.core.membership_changed(self._membership.names(), time.monotonic()))
 
     def _drain_zap(self) -> None:
         assert self._zap is not None
@@ -342,39 +351,14 @@ class Node:
                 frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            now = time.monotonic()
-            client: ClientId = tuple(f.bytes for f in frames[:-1])
-            member = None
-            if self._membership is not None:
-                member = authenticated_name(frames[-1])
-                if member is None or member not in self._membership:
-                    self._perform(self._refuse_revoked(client, frames[-1].bytes, member, now))
-                    continue
-            self._perform(self._dispatch(client, frames[-1].bytes, member, now))
-
-    def _refuse_revoked(self, client: ClientId, payload: bytes, member: str | None, now: float
-                        ) -> list[Effect]:
-        """A connection authenticated before its key was removed: serve it nothing more."""
-        error = ProtocolError(f"{member or 'this client'} is not a member of the grid "
-                              "(its key was revoked)", "revoked")
-        try:
-            error.peer = isinstance(decode(payload), _PEER_MESSAGES)
-        except ProtocolError as exc:
-            error.peer = exc.peer
-        return self.core.bad_frame(client, error, error.peer, now)
-
-    def _dispatch(self, client: ClientId, payload: bytes, member: str | None, now: float
-                  ) -> list[Effect]:
-        try:
-            msg = decode(payload)
-        except ProtocolError as exc:
-            return self.core.bad_frame(client, exc, exc.peer, now)
-        if isinstance(msg, _CONTROL_REQUESTS):
-            return self.core.request(client, msg, now)
-        if isinstance(msg, _PEER_MESSAGES):
-            return self.core.receive(msg, now, authenticated_as=member)
-        error = ProtocolError(f"a node does not accept {type(msg).__name__} messages")
-        return self.core.bad_frame(client, error, False, now)
+            member = None if self._membership is None else authenticated_name(frames[-1])
+            message: Message | ProtocolError
+            try:
+                message = decode(frames[-1].bytes)
+            except ProtocolError as exc:
+                message = exc
+            envelope = tuple(f.bytes for f in frames[:-1])
+            self._perform(self.core.handle(envelope, message, time.monotonic(), member))
 
     # ------------------------------------------------------------------------ effects
 
@@ -384,9 +368,17 @@ class Node:
                 case Send():
                     self._send(effect.endpoint, effect.message)
                 case Respond():
-                    self._respond(effect.client, effect.reply)
+                    if self._unsaved is not None:
+                        self._held_replies.append(effect)
+                    else:
+                        self._respond(effect)
                 case Persist():
-                    self._store.save(effect.state)
+                    if effect.new_incarnation:
+                        self._unsaved = None  # superseded by this state
+                        self._store.save(effect.state)
+                        self._counters["saves"] += 1
+                    else:
+                        self._unsaved = effect.state
                 case Connect():
                     if effect.endpoint not in self._dealers:
                         dealer = self._dealer(effect.endpoint, effect.peer_id, immediate=True)
@@ -412,20 +404,27 @@ class Node:
             return
         if self.settings.drop_rate and isinstance(message, Adverts) and (
                 self._random.random() < self.settings.drop_rate):
-            self.core.counters["sends_dropped"] += 1
+            self._counters["sends_dropped"] += 1
             return
         frame = encode(message)
         try:
             dealer.send(frame, zmq.NOBLOCK)
         except zmq.Again:  # not connected, or the sibling is slow: anti-entropy repairs it
-            self.core.counters["sends_dropped"] += 1
+            self._counters["sends_dropped"] += 1
             return
-        self.core.counters["messages_sent"] += 1
-        self.core.counters["bytes_sent"] += len(frame)
+        self._counters["messages_sent"] += 1
+        self._counters["bytes_sent"] += len(frame)
 
-    def _respond(self, client: ClientId, reply: Reply | ViewUpdate) -> None:
-        if isinstance(reply, Reply) and reply.ok:
-            reply = replace(reply, body={**reply.body, "ts": time.time()})
+    def _respond(self, effect: Respond) -> None:
+        reply = effect.reply
+        if reply.ok:
+            body = {**reply.body, "ts": time.time()}
+            if effect.with_runtime_counters:
+                body["counters"] = {**body["counters"], **self._counters}
+            reply = replace(reply, body=body)
+        self._deliver(effect.client, reply)
+
+    def _deliver(self, client: ClientId, reply: Reply | ViewUpdate) -> None:
         try:
             self._router.send_multipart([*client, encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError:  # EHOSTUNREACH (client gone, ROUTER_MANDATORY) or a full queue
@@ -438,7 +437,7 @@ class Node:
                  view["island_size"], " ".join(view["island"]))
         update = ViewUpdate(view, time.time())
         for client in effect.watchers:
-            self._respond(client, update)
+            self._deliver(client, update)
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -33,8 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zgrid.core import PersistedState
 from zgrid.errors import StoreError
+from zgrid.persisted import PersistedState
 from zgrid.wire import check_node_id
 
 SCHEMA_VERSION = 1

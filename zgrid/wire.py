@@ -330,8 +330,9 @@ def decode(frame: bytes) -> Message:
     try:
         message: Message = _DECODERS[kind](_Fields(obj, kind))
     except ProtocolError as exc:
-        exc.peer = kind in PEER_TYPES
-        raise
+        if exc.message_type is not None:
+            raise
+        raise ProtocolError(exc.message, exc.code, str(kind)) from None
     return message
 
 
@@ -343,7 +344,8 @@ class _Fields:
         self.kind = kind
 
     def _fail(self, key: str, why: str) -> ProtocolError:
-        return ProtocolError(f"{self.kind} message: field {key!r} {why}", "bad_field")
+        return ProtocolError(f"{self.kind} message: field {key!r} {why}", "bad_field",
+                             str(self.kind))
 
     def get(self, key: str) -> Any:
         if key not in self.obj:

@@ -1,0 +1,21 @@
+"""What a node keeps on disk: the one record shared by the core (which produces it) and the
+store (which writes it).
+
+It lives in its own module so that the store never imports the core and the core never
+imports the store: the core is sans-IO, the store is nothing but I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PersistedState:
+    """Enough for a node to come back as itself after a crash."""
+
+    node_id: str
+    incarnation: int
+    production: float
+    consumption: float
+    siblings: tuple[str, ...]  # "ID@ENDPOINT" once the id is known, else "ENDPOINT"

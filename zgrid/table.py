@@ -1,0 +1,247 @@
+"""The advert table: one node's copy of the grid's link-state database, and what follows from it.
+
+What it is for: it stores at most one advert per origin (the newest version seen), keeps an
+order-independent hash of its versions (what pings compare), and derives the node's *island*
+(everything reachable over two-way edges) and the island's exact totals. It also forgets
+origins that stayed unreachable for long, leaving tombstones so that a stale copy still
+travelling the grid cannot bring them back.
+
+Exact totals: every finite double is an integer multiple of 2**-1074, so production and
+consumption are summed as Python integers in those units. The sum is exact whatever the order,
+and integer true division rounds correctly, so `total_net` is bit-identical on every member of
+an island and equals `math.fsum` of its terms. A value change of an island member costs O(1);
+the island is recomputed (O(N)) only after some advert's `links` changed, and lazily.
+
+What it must never do: decide anything about who sent an advert or whether it is about us (the
+core does), or do I/O of any kind. Time comes in as an argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from enum import Enum
+from types import MappingProxyType
+
+from zgrid.wire import Advert, Digest
+
+UNIT_EXPONENT = 1074  # 2**-1074 is the smallest positive double
+_UNIT_SCALE = 1 << UNIT_EXPONENT
+
+
+def exact_units(kw: float) -> int:
+    """A finite double as an exact integer number of 2**-1074 kW."""
+    numerator, denominator = kw.as_integer_ratio()
+    return numerator << (UNIT_EXPONENT + 1 - denominator.bit_length())
+
+
+def from_units(units: int) -> float:
+    return units / _UNIT_SCALE  # int / int is correctly rounded, whatever the size
+
+
+def entry_hash(a: Advert) -> int:
+    """The 64-bit share of one advert's version in the table hash (see docs/protocol.md).
+
+    blake2b-64 of the UTF-8 bytes of `origin NUL incarnation NUL seq` (decimal), read as a
+    little-endian unsigned integer. Python's own hash() of a str differs between processes,
+    so it cannot be used here.
+    """
+    key = f"{a.origin}\x00{a.incarnation}\x00{a.seq}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+class Merge(Enum):
+    """What `AdvertTable.merge` did with an advert."""
+
+    NEW = "new"  # stored: it is newer than what we held (or the first of its origin)
+    STALE = "stale"  # we hold this version or a newer one
+    FORGOTTEN = "forgotten"  # a stale copy of an origin we forgot on purpose
+    FULL = "full"  # a new origin, but the table holds `max_nodes` already
+
+
+class AdvertTable:
+    """The adverts one node holds, keyed by origin. `owner` is the node holding the table."""
+
+    __slots__ = ("_adverts", "_island", "_island_dirty", "_tombstones", "_units_consumption",
+                 "_units_production", "_unreachable_since", "hash", "max_nodes", "owner")
+
+    def __init__(self, owner: str, max_nodes: int) -> None:
+        self.owner = owner
+        self.max_nodes = max_nodes
+        self.hash = 0  # XOR of entry_hash over every stored advert
+        self._adverts: dict[str, Advert] = {}
+        self._island: frozenset[str] = frozenset({owner})
+        self._island_dirty = True
+        self._units_production = 0
+        self._units_consumption = 0
+        self._unreachable_since: dict[str, float] = {}
+        self._tombstones: dict[str, tuple[tuple[int, int], float]] = {}  # version, forgotten at
+
+    @classmethod
+    def converged(cls, owner: str, adverts: Mapping[str, Advert], max_nodes: int
+                  ) -> AdvertTable:
+        """A table holding exactly `adverts`, as flooding leaves it once a grid agrees.
+
+        For simulators that start from an agreed state instead of a cold start. The island and
+        totals are derived from the adverts, as on any table; `copy_for` then gives every other
+        member of the same island its own table at the cost of one dict copy.
+        """
+        table = cls(owner, max_nodes)
+        for advert in adverts.values():
+            table.hash ^= entry_hash(advert)
+        table._adverts = dict(adverts)
+        return table
+
+    def copy_for(self, owner: str) -> AdvertTable:
+        """The same adverts held by another node. The island (and its totals) carry over when
+        that node is a member of it: the island is a connected component, the same for all."""
+        copy = AdvertTable(owner, self.max_nodes)
+        copy.hash = self.hash
+        copy._adverts = dict(self._adverts)
+        copy._tombstones = dict(self._tombstones)
+        if not self._island_dirty and owner in self._island:
+            copy._island, copy._island_dirty = self._island, False
+            copy._units_production = self._units_production
+            copy._units_consumption = self._units_consumption
+        return copy
+
+    # ------------------------------------------------------------------------ reading
+
+    def get(self, origin: str) -> Advert | None:
+        return self._adverts.get(origin)
+
+    @property
+    def by_origin(self) -> Mapping[str, Advert]:
+        """A read-only view of the stored adverts, keyed by origin."""
+        return MappingProxyType(self._adverts)
+
+    def __len__(self) -> int:
+        return len(self._adverts)
+
+    def __contains__(self, origin: object) -> bool:
+        return origin in self._adverts
+
+    def __iter__(self) -> Iterator[Advert]:
+        return iter(self._adverts.values())
+
+    def digest(self) -> dict[str, tuple[int, int]]:
+        """{origin: (incarnation, seq)} of every stored advert."""
+        return {origin: (a.incarnation, a.seq) for origin, a in self._adverts.items()}
+
+    def newer_than(self, theirs: Digest) -> Iterator[Advert]:
+        """Our adverts that a holder of `theirs` lacks or holds an older version of."""
+        for origin, a in self._adverts.items():
+            version = theirs.get(origin)
+            if version is None or version < (a.incarnation, a.seq):
+                yield a
+
+    def lacks_any_of(self, theirs: Digest) -> bool:
+        """Whether `theirs` lists a version newer than ours of some origin."""
+        adverts = self._adverts
+        for origin, version in theirs.items():
+            mine = adverts.get(origin)
+            if mine is None or (mine.incarnation, mine.seq) < version:
+                return True
+        return False
+
+    # ------------------------------------------------------------------------ writing
+
+    def merge(self, a: Advert) -> Merge:
+        """Store `a` iff it is newer than the version held. The hot path of the protocol: every
+        advert of every message passes here, so it does O(1) work."""
+        old = self._adverts.get(a.origin)
+        if old is None:
+            tomb = self._tombstones.get(a.origin)
+            if tomb is not None and (a.incarnation, a.seq) <= tomb[0]:
+                return Merge.FORGOTTEN
+            if len(self._adverts) >= self.max_nodes:
+                return Merge.FULL
+        elif a.incarnation < old.incarnation or (
+                a.incarnation == old.incarnation and a.seq <= old.seq):
+            return Merge.STALE
+        self._store(a, old)
+        return Merge.NEW
+
+    def put(self, a: Advert) -> None:
+        """Store `a` whatever is held: the owner's own new advert."""
+        self._store(a, self._adverts.get(a.origin))
+
+    def _store(self, a: Advert, old: Advert | None) -> None:
+        self._adverts[a.origin] = a
+        if old is None:
+            self._tombstones.pop(a.origin, None)
+            self.hash ^= entry_hash(a)
+            if a.links:
+                self._island_dirty = True
+            return
+        self.hash ^= entry_hash(old) ^ entry_hash(a)
+        if old.links != a.links:
+            self._island_dirty = True
+        elif not self._island_dirty and a.origin in self._island:
+            self._units_production += exact_units(a.production) - exact_units(old.production)
+            self._units_consumption += exact_units(a.consumption) - exact_units(old.consumption)
+
+    def forget(self, now: float, forget_after_s: float) -> list[str]:
+        """Drop origins unreachable for `forget_after_s` (leaving tombstones) and tombstones
+        older than that; the origins dropped."""
+        self.island(now)
+        limit = now - forget_after_s
+        dropped = []
+        for origin, since in list(self._unreachable_since.items()):
+            old = self._adverts.get(origin)
+            if since <= limit and old is not None:
+                del self._adverts[origin]
+                self.hash ^= entry_hash(old)
+                self._tombstones[origin] = ((old.incarnation, old.seq), now)
+                del self._unreachable_since[origin]
+                dropped.append(origin)
+        for origin, (_, at) in list(self._tombstones.items()):
+            if at <= limit:  # long enough for every stale copy in the grid to be forgotten too
+                del self._tombstones[origin]
+        return dropped
+
+    def tombstone(self, origin: str) -> tuple[int, int] | None:
+        """The last version of a forgotten origin, while its tombstone lasts."""
+        tomb = self._tombstones.get(origin)
+        return None if tomb is None else tomb[0]
+
+    # ------------------------------------------------------------------------ island, totals
+
+    def island(self, now: float) -> frozenset[str]:
+        """The owner and every origin reachable from it over two-way edges (both adverts list
+        each other). `now` dates when an origin was first seen unreachable (for forgetting)."""
+        if not self._island_dirty:
+            return self._island
+        adverts = self._adverts
+        seen = {self.owner}
+        stack = [self.owner]
+        while stack:
+            x = stack.pop()
+            ax = adverts.get(x)
+            for y in ax.links if ax is not None else ():
+                if y not in seen and (ay := adverts.get(y)) is not None and x in ay.links:
+                    seen.add(y)
+                    stack.append(y)
+        self._island = frozenset(seen)
+        self._island_dirty = False
+        self._units_production = sum(exact_units(adverts[x].production)
+                                     for x in seen if x in adverts)
+        self._units_consumption = sum(exact_units(adverts[x].consumption)
+                                      for x in seen if x in adverts)
+        for origin in adverts:
+            if origin in seen:
+                self._unreachable_since.pop(origin, None)
+            else:
+                self._unreachable_since.setdefault(origin, now)
+        return self._island
+
+    def totals(self, now: float) -> tuple[float, float, float]:
+        """(total_net, total_production, total_consumption) of the island, exactly rounded."""
+        self.island(now)
+        p, c = self._units_production, self._units_consumption
+        return from_units(p - c), from_units(p), from_units(c)
+
+    def exact_units(self, now: float) -> tuple[int, int]:
+        """The island's production and consumption in 2**-1074 kW: a change detector."""
+        self.island(now)
+        return self._units_production, self._units_consumption
