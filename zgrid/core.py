@@ -244,7 +244,11 @@ class Sibling:
                 "state": str(self.state), "error": self.error}
 
 
-def _chunks(items: list[Advert], size: int) -> Iterator[tuple[Advert, ...]]:
+def _same(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]]:
     for start in range(0, len(items), size):
         yield tuple(items[start:start + size])
 
@@ -755,15 +759,19 @@ class Core:
     def flush(self, now: float) -> list[Effect]:
         """One batched `adverts` message per sibling, then the view if it changed."""
         out: list[Effect] = []
+        shared: Adverts | None = None
         for sib in self.siblings.values():
             outbox = sib.outbox
             if not outbox:
                 continue
             if sib.state is LinkState.UP:
-                adverts = list(outbox.values())
+                adverts = tuple(outbox.values())
                 if len(adverts) <= MAX_ADVERTS_PER_MESSAGE:
-                    out.append(Send(sib.endpoint, Adverts(self.id, self.config.nonce,
-                                                          tuple(adverts))))
+                    # A flood queues the same adverts for most siblings: one message object
+                    # for all of them lets the runtime encode it once.
+                    if shared is None or not _same(shared.adverts, adverts):
+                        shared = Adverts(self.id, self.config.nonce, adverts)
+                    out.append(Send(sib.endpoint, shared))
                 else:
                     out.extend(Send(sib.endpoint, Adverts(self.id, self.config.nonce, chunk))
                                for chunk in _chunks(adverts, MAX_ADVERTS_PER_MESSAGE))
