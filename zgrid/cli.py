@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import click
 
+from zgrid import __version__
 from zgrid.client import DEFAULT_TIMEOUT_S, Client
 from zgrid.errors import ControlError, NoReply, ZgridError
 
@@ -39,6 +40,7 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 @click.command(name="zgrid-node", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zgrid-node")
 @click.option("--id", "node_id", required=True, help="This node's id, unique in the grid.")
 @click.option("--bind", required=True, metavar="ENDPOINT",
               help="Where to listen, e.g. tcp://127.0.0.1:5001.")
@@ -140,6 +142,7 @@ pass_ctl = click.make_pass_decorator(_Ctl)
 
 
 @click.group(name="zgrid-ctl", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="zgrid-ctl")
 @click.option("--node", envvar="ZGRID_NODE", metavar="[ID@]ENDPOINT",
               help="The node to talk to (or env ZGRID_NODE).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
