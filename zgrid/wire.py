@@ -74,7 +74,7 @@ class ByeReason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Advert:
-    """One node's self-description; only its origin ever writes one (DESIGN.md rule 1)."""
+    """One node's self-description; only its origin ever writes one (docs/design.md, rule 1)."""
 
     origin: str
     incarnation: int
