@@ -494,6 +494,7 @@ def calibrate_loopback(ctx: zmq.Context[zmq.Socket[bytes]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, gap_s in (("hot", 0.0), ("spaced", CALIBRATION_GAP_S)):
             rtts = []
+            echo_run_before = sched_ns(proc.pid)[0]
             for _ in range(CALIBRATION_ROUNDS):
                 if gap_s:
                     time.sleep(gap_s)
@@ -503,6 +504,10 @@ def calibrate_loopback(ctx: zmq.Context[zmq.Socket[bytes]]) -> dict[str, float]:
                 rtts.append(time.perf_counter() - t)
             out[f"{name}_rtt_p50_us"] = percentile(rtts, 50) * US_PER_S
             out[f"{name}_rtt_p99_us"] = percentile(rtts, 99) * US_PER_S
+            # The physical floor of a forwarding node: a bare pyzmq process woken by one
+            # frame, receiving it and sending one back (both of its threads, kernel included).
+            out[f"{name}_echo_cpu_us_per_message"] = (
+                (sched_ns(proc.pid)[0] - echo_run_before) / 1e3 / CALIBRATION_ROUNDS)
         return out
     finally:
         sock.close(linger=0)
@@ -1007,6 +1012,10 @@ def run_part(part: str, run: Run, quick: bool, changes: int | None) -> dict[str,
               f"p50 {calibration['hot_rtt_p50_us']:.0f} us back-to-back, "
               f"{calibration['spaced_rtt_p50_us']:.0f} us with "
               f"{CALIBRATION_GAP_S * MS_PER_S:g} ms gaps (one hop is about half of that)")
+        print(f"  bare pyzmq echo process, CPU per frame received and sent back: "
+              f"{calibration['spaced_echo_cpu_us_per_message']:.0f} us when woken by each "
+              f"frame, {calibration['hot_echo_cpu_us_per_message']:.0f} us back-to-back "
+              "(the floor of the CPU per message above)")
         conv["loopback_calibration"] = calibration
         return conv
     if part == "faults":

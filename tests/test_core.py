@@ -566,3 +566,14 @@ def test_outbidding_a_past_life_persists_the_new_incarnation_before_anything_is_
     (persist,) = deliver(a, from_sibling(b, past), 5.0)
     assert isinstance(persist, Persist) and persist.new_incarnation
     assert persist.state.incarnation == a.incarnation == past.incarnation + 1
+
+
+def test_an_advert_heard_from_two_siblings_in_one_turn_goes_back_to_neither() -> None:
+    sim = converged_sim([(0, 1), (0, 2), (0, 3)], [(0.0, 0.0)] * 4)
+    hub, left, right = sim.cores[0], sim.cores[1], sim.cores[2]
+    assert hub is not None and left is not None and right is not None
+    news = advert("x", 1, 1, production=5.0)
+    deliver(hub, from_sibling(left, news), sim.now)
+    deliver(hub, from_sibling(right, news), sim.now)  # the same version, by another path
+    sends = [e for e in hub.flush(sim.now) if isinstance(e, Send)]
+    assert [e.endpoint for e in sends] == ["tcp://n3:7000"]

@@ -556,6 +556,13 @@ class Core:
         if merged is not Merge.NEW:
             if merged is Merge.FULL:
                 counters["ignored"] += 1
+            elif merged is Merge.STALE:
+                # The sender holds this version already: if we queued it (or an older one) for
+                # the sender, since it arrived from elsewhere first, sending it back is waste.
+                queued = source.outbox.get(a.origin)
+                if queued is not None and (queued.incarnation, queued.seq) <= (
+                        a.incarnation, a.seq):
+                    del source.outbox[a.origin]
             return
         counters["adverts_accepted"] += 1
         for sib in self.siblings.values():

@@ -445,8 +445,9 @@ class Node:
 
     def _publish(self, effect: Publish) -> None:
         view = effect.view
-        if log.isEnabledFor(logging.INFO):
-            log.info("total_net=%+.3f kW (production %.3f, consumption %.3f) island of %d: %s",
+        # DEBUG, not INFO: one line per view change costs more than handling the change.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("total_net=%+.3f kW (production %.3f, consumption %.3f) island of %d: %s",
                      view["total_net"], view["total_production"], view["total_consumption"],
                      view["island_size"], " ".join(view["island"]))
         update = ViewUpdate(view, time.time())
