@@ -515,7 +515,7 @@ def test_a_tombstone_expires_so_a_forgotten_origin_may_come_back_later() -> None
     table = AdvertTable("a", max_nodes=10)
     table.put(advert("a", 1, 1))
     table.merge(advert("gone", 1, 3))
-    table.island(0.0)  # "gone" is unreachable from now on
+    assert table.forget(0.0, forget_after_s=10.0) == [], "unreachable, but only just"
     assert table.forget(10.0, forget_after_s=10.0) == ["gone"]
     assert table.merge(advert("gone", 1, 3)) is Merge.FORGOTTEN
     assert table.tombstone("gone") == (1, 3)
@@ -528,8 +528,8 @@ def test_a_newer_version_of_a_forgotten_origin_is_not_a_stale_copy() -> None:
     table = AdvertTable("a", max_nodes=10)
     table.put(advert("a", 1, 1))
     table.merge(advert("gone", 1, 3))
-    table.island(0.0)
-    table.forget(10.0, forget_after_s=10.0)
+    table.forget(0.0, forget_after_s=10.0)
+    assert table.forget(10.0, forget_after_s=10.0) == ["gone"]
     assert table.merge(advert("gone", 2, 1)) is Merge.NEW
 
 
@@ -577,3 +577,16 @@ def test_an_advert_heard_from_two_siblings_in_one_turn_goes_back_to_neither() ->
     deliver(hub, from_sibling(right, news), sim.now)  # the same version, by another path
     sends = [e for e in hub.flush(sim.now) if isinstance(e, Send)]
     assert [e.endpoint for e in sends] == ["tcp://n3:7000"]
+
+
+def test_an_origin_that_was_back_in_the_island_gets_a_full_forget_after_again() -> None:
+    table = AdvertTable("a", max_nodes=10)
+    table.put(advert("a", 1, 1))
+    table.merge(advert("b", 1, 1))
+    table.forget(0.0, forget_after_s=10.0)  # unreachable since 0
+    table.put(advert("a", 1, 2, links=("b",)))
+    table.merge(advert("b", 1, 2, links=("a",)))
+    assert table.forget(5.0, forget_after_s=10.0) == [] and "b" in table.island(5.0)
+    table.merge(advert("b", 1, 3))  # b drops the link again
+    assert table.forget(12.0, forget_after_s=10.0) == [], "unreachable since 12, not since 0"
+    assert table.forget(22.0, forget_after_s=10.0) == ["b"]
