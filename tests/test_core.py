@@ -1,6 +1,6 @@
 """Unit tests of the sans-IO core: no sockets, no clock, no threads.
 
-Each test either hand-feeds typed messages to a `Core` or lets the simulator (zgrid/sim.py) move
+Each test either hand-feeds typed messages to a `Core` or lets the simulator (zgrid/sim/) move
 messages between a few cores under a virtual clock. Test names state the rule they check. These
 tests must never open a socket or sleep.
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from zgrid.core import LinkState
 from zgrid.sim import (
     NONDETERMINISTIC_KEYS,
     TOPOLOGIES,
@@ -187,11 +188,11 @@ def test_a_frozen_node_holds_its_messages_and_catches_up_when_thawed() -> None:
     sim.freeze(1)
     sim.set_value(0, 9.0, None)
     sim.run_until(sim.now + 0.5)
-    assert frozen.adverts["n0"].production == 1.0, "a frozen node handled a message"
+    assert frozen.table.by_origin["n0"].production == 1.0, "a frozen node handled a message"
     assert sim.held[1], "messages to a frozen node must be held, not dropped"
     sim.thaw(1)
     assert sim.run_until_agreed(5.0).agreed
-    assert frozen.adverts["n0"].production == 9.0
+    assert frozen.table.by_origin["n0"].production == 9.0
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused() -> None:
@@ -280,3 +281,27 @@ def sim_status() -> object:
     from zgrid.wire import StatusRequest
 
     return StatusRequest()
+
+
+def test_a_live_duplicate_is_refused_without_a_bump_war() -> None:
+    # n0 - n1 agreed; then a second process starts with n0's id and links to n1.
+    sim = Simulator(["n0", "n1", "impostor"], seed=4, measure=False)
+    sim.start_node(0, 10.0, 0.0)
+    sim.start_node(1, 0.0, 4.0)
+    sim.link(0, 1)
+    assert sim.run_until_agreed(5.0).agreed
+    original = sim.cores[0]
+    assert original is not None
+    before = original.own_advert.version
+    sim.start_node(2, 999.0, 0.0, node_id="n0")
+    sim.link(2, 1)
+    versions = set()
+    for _ in range(120):  # two virtual minutes, sampled every second
+        sim.run_until(sim.now + 1.0)
+        versions.add(original.own_advert.version)
+    assert versions == {before}, "the original's version moved: a bump war"
+    impostor, n1 = sim.cores[2], sim.cores[1]
+    assert impostor is not None and n1 is not None
+    assert "refused us: duplicate node id 'n0'" in impostor.conflict
+    assert [s.state for s in impostor.siblings.values()] == [LinkState.REFUSED]
+    assert n1.totals(sim.now)[0] == 6.0, "the impostor's 999 kW is never counted"

@@ -852,24 +852,6 @@ class Core:
         """A sibling by endpoint or id (None if there is no such sibling)."""
         return self._find_sibling(name)
 
-    # ------------------------------------------------------------ TRANSITION: removed once
-    # zgrid/sim/ calls `handle` (the simulator is being split into a package meanwhile).
-
-    def receive(self, msg: PeerMessage, now: float, authenticated_as: str | None = None
-                ) -> list[Effect]:
-        return self._receive(msg, now, authenticated_as)
-
-    def request(self, client: ClientId, req: ControlRequest, now: float) -> list[Effect]:
-        return self._request(client, req, now)
-
-    def bad_frame(self, client: ClientId, error: ProtocolError, from_peer: bool, now: float
-                  ) -> list[Effect]:
-        return self._bad_frame(client, error, from_peer, now)
-
-    @property
-    def adverts(self) -> Mapping[str, Advert]:
-        return self.table.by_origin
-
     # ------------------------------------------------------------------------ messages
 
     def _hello(self, ack: bool, dialed: str) -> Hello:
@@ -880,8 +862,3 @@ class Core:
         return Bye(self.id, self.config.nonce, reason)
 
 
-
-# TRANSITION: the old private names zgrid/sim.py imports; removed with the shims above.
-_Sibling = Sibling
-from zgrid.table import entry_hash as _entry_hash  # noqa: E402, F401
-from zgrid.table import exact_units as _units  # noqa: E402, F401
