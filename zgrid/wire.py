@@ -420,7 +420,11 @@ class _Fields:
         origin, inc, seq, production, consumption, links, endpoint, nonce = row
         if not isinstance(links, list) or len(links) > MAX_LINKS_PER_ADVERT:
             raise fail(f"links must be a list of at most {MAX_LINKS_PER_ADVERT} ids")
-        link_ids = tuple(sorted({check_node_id(x, fail) for x in links}))
+        for x in links:
+            check_node_id(x, fail)
+        # Senders list links sorted and unique; sort (and dedupe) only what is not.
+        link_ids = tuple(links) if all(a < b for a, b in zip(links, links[1:])) else tuple(
+            sorted(set(links)))
         return Advert(
             origin=check_node_id(origin, fail),
             incarnation=_uint(inc, MAX_COUNTER, fail),
@@ -535,20 +539,36 @@ def _uint(value: Any, limit: int, fail: Fail) -> int:
     return value
 
 
+# Every advert repeats ids and endpoints the node has validated many times before (a grid has
+# at most MAX_DIGEST_ENTRIES nodes); remembering the valid ones spares the regex on the hot
+# path. Bounded, and only exact `str` values that passed the full check are remembered.
+_VALID_IDS: set[str] = set()
+_VALID_ENDPOINTS: set[str] = set()
+_MAX_REMEMBERED = 2 * MAX_DIGEST_ENTRIES
+
+
 def check_node_id(value: Any, fail: Fail = _default_fail) -> str:
+    if type(value) is str and value in _VALID_IDS:
+        return value
     if (not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS
             or not _ID_RE.fullmatch(value)):
         raise fail(f"must be a node id (1..{MAX_ID_CHARS} of A-Z a-z 0-9 _ . -, starting with "
                    f"a letter or digit), got {value!r}")
+    if type(value) is str and len(_VALID_IDS) < _MAX_REMEMBERED:
+        _VALID_IDS.add(value)
     return value
 
 
 def check_endpoint(value: Any, fail: Fail = _default_fail) -> str:
+    if type(value) is str and value in _VALID_ENDPOINTS:
+        return value
     if (not isinstance(value, str) or len(value) > MAX_ENDPOINT_CHARS
             or not _ENDPOINT_RE.fullmatch(value)):
         raise fail(f"must be an endpoint like tcp://127.0.0.1:5001, got {value!r}")
     if value.startswith("tcp://") and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
         raise fail(f"has a port out of range 1..65535: {value!r}")
+    if type(value) is str and len(_VALID_ENDPOINTS) < _MAX_REMEMBERED:
+        _VALID_ENDPOINTS.add(value)
     return value
 
 
