@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import pairwise
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -423,7 +424,7 @@ class _Fields:
         for x in links:
             check_node_id(x, fail)
         # Senders list links sorted and unique; sort (and dedupe) only what is not.
-        link_ids = tuple(links) if all(a < b for a, b in zip(links, links[1:])) else tuple(
+        link_ids = tuple(links) if all(a < b for a, b in pairwise(links)) else tuple(
             sorted(set(links)))
         return Advert(
             origin=check_node_id(origin, fail),
