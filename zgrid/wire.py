@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import re
-from itertools import pairwise
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any, TypeAlias
 
 import msgpack
