@@ -23,7 +23,7 @@ Which module holds what
   convergence, crossings), `check_agreement`, `percentile`;
 - scenario.py: `Scenario`, topologies and input files, `cold_start`, `converged_sim`, and
   `run_scenario` (build, schedule, settle, report);
-- preload.py: `preload_converged`, the one shortcut that writes an agreed state into cores;
+- preload.py: `preload_converged`, the one shortcut: start from an agreed state;
 - cli.py: the zgrid-sim command;
 - errors.py: `SimError`.
 
@@ -31,10 +31,10 @@ What it must never do
 =====================
 
 - Duplicate protocol logic: it only moves messages and time. Links are made by feeding cores
-  `LinkRequest`s; values change by `SetRequest`s. The one exception is `preload_converged`,
-  which, by name and on purpose, writes an already-agreed state into fresh cores so a 10,000
-  node run does not spend its budget on a cold start (see docs/simulator.md). It is also the
-  only module allowed to touch private names of zgrid.core.
+  `LinkRequest`s; values change by `SetRequest`s. The one shortcut is `preload_converged`,
+  which builds, with the public constructors `AdvertTable.converged` and `Core.converged`,
+  the state a converged cold start leaves, so a 10,000-node run need not spend its budget on
+  a cold start (see docs/simulator.md). Nothing here touches private names of zgrid.core.
 - Read the wall clock inside the simulation logic (only `wall_s` and `loop_wall_s` are
   measured with it).
 - Order events by iterating a set or dict of strings in a way that depends on PYTHONHASHSEED:

@@ -388,8 +388,7 @@ class Simulator:
             raise SimError("this simulator was built with measure=False: no trace is kept")
         return self.trace.hexdigest()
 
-    # preload.py writes these directly (it installs an already converged state); they go
-    # when it is replaced by a public constructor of converged cores.
+    # preload.py sets these: a preloaded grid starts with every advert held by its island.
     @property
     def held_count(self) -> list[int]:
         return self._measured().held_count
