@@ -44,7 +44,6 @@ ZAP_STATUS_DENIED = b"400"
 ZAP_STATUS_INTERNAL = b"500"
 ZAP_REQUEST_MIN_FRAMES = 6  # version, request id, domain, address, identity, mechanism
 CURVE_KEY_BYTES = 32
-CURVE_KEY_Z85_CHARS = 40
 PUBLIC_KEY_SUFFIX = ".key"
 SECRET_KEY_SUFFIX = ".key_secret"
 SECRET_FILE_MODE = 0o600
