@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import BIN, HOST, ctl, wait_until
@@ -29,6 +31,22 @@ def _free_base_port() -> int:
     raise RuntimeError("no four consecutive free ports")
 
 
+def _read_until(fd: int, marker: bytes, timeout_s: float) -> bytes:
+    """What the script printed, up to and including `marker` (fail at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    seen = b""
+    while marker not in seen:
+        remaining = deadline - time.monotonic()
+        ready = select.select([fd], [], [], remaining)[0] if remaining > 0 else []
+        if not ready:
+            raise AssertionError(f"run.sh did not print {marker!r} within {timeout_s}s: {seen!r}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise AssertionError(f"run.sh ended before printing {marker!r}: {seen!r}")
+        seen += chunk
+    return seen
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -43,7 +61,7 @@ def test_run_script_starts_four_agreeing_nodes_and_stops_cleanly(tmp_path: Path)
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     script = subprocess.Popen([str(ROOT / "scripts" / "run.sh")], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True, text=True)
+                              stdin=subprocess.DEVNULL, start_new_session=True)
     endpoints = [f"tcp://{HOST}:{base + i}" for i in range(1, 5)]
     try:
         def agreed() -> bool:
@@ -55,9 +73,13 @@ def test_run_script_starts_four_agreeing_nodes_and_stops_cleanly(tmp_path: Path)
                 totals.append(proc.stdout.split("total_net ")[1].split()[0])
             return len(set(totals)) == 1 and totals[0] == "+12.300"
 
+        assert script.stdout is not None
+        # The banner comes once every node answers; a SIGTERM before it would cut it short.
+        banner = _read_until(script.stdout.fileno(), b"Ctrl-C stops the grid.", timeout_s=30)
         wait_until(agreed, timeout=20, what="the four nodes of run.sh to agree")
         script.send_signal(signal.SIGTERM)
-        out, _ = script.communicate(timeout=20)
+        rest, _ = script.communicate(timeout=20)
+        out = (banner + rest).decode(errors="replace")
         assert script.returncode == 0, out
         assert "zgrid-ctl" in out and "grid stopped" in out
         wait_until(lambda: not _group_alive(script.pid), timeout=10,
