@@ -73,7 +73,7 @@ HANDSHAKE_IVL_MS = 5000
 CLOSE_LINGER_MS = 200  # long enough for a BYE to leave before its socket closes
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CRASH_EXIT_CODE = 137  # what a shell reports for kill -9: the crash hook's exit looks the same
-CRASH_HOOK_FLOOD_S = 0.2
+CRASH_HOOK_FLOOD_S = 0.2  # the crash hook waits this long so the flood is on the wire first
 _LOG_LEVELS = {LogLevel.DEBUG: logging.DEBUG, LogLevel.INFO: logging.INFO,
                LogLevel.WARNING: logging.WARNING, LogLevel.ERROR: logging.ERROR}
 
@@ -292,14 +292,17 @@ class Node:
         out (the fsync no longer delays agreement), then the replies that acknowledge them."""
         if self._unsaved is not None:
             if self.settings.crash_before_save and self._held_replies:
-                time.sleep(CRASH_HOOK_FLOOD_S)  # libzmq's I/O thread puts the flood on the wire
+                time.sleep(CRASH_HOOK_FLOOD_S)
                 os._exit(CRASH_EXIT_CODE)
             state, self._unsaved = self._unsaved, None
-            self._store.save(state)
-            self._counters["saves"] += 1
+            self._save(state)
         held, self._held_replies = self._held_replies, []
         for effect in held:
             self._respond(effect)
+
+    def _save(self, state: PersistedState) -> None:
+        self._store.save(state)
+        self._counters["saves"] += 1
 
     def close(self) -> None:
         for dealer in self._dealers.values():
@@ -383,8 +386,7 @@ class Node:
                 case Persist():
                     if effect.new_incarnation:
                         self._unsaved = None  # superseded by this state
-                        self._store.save(effect.state)
-                        self._counters["saves"] += 1
+                        self._save(effect.state)
                     else:
                         self._unsaved = effect.state
                 case Connect():
