@@ -1,0 +1,266 @@
+"""The Phase II decision: how one island balances itself, as a pure function of its offers.
+
+What it is for: every member of an island holds the bit-identical table of adverts, so every
+member can run `clear` over the same offers and get the same clearing price, the same
+activation for every node and the same residual, with no auctioneer and no extra message. Each
+node then applies only its own activation. `Clearing.hash` lets tests and `status` compare
+the result across nodes.
+
+What it must never do: do I/O, read a clock, draw a random number, depend on the order of its
+input, or compute a decision in floating point (a float sum depends on its order, and one ulp
+of difference between two nodes is two different clearings). It reads base values and offers
+only, never the activations it produced, so it cannot feed back on itself.
+
+The rule (enough to implement it in another language)
+-----------------------------------------------------
+kW are exact integers of 2**-1074 kW ("units", `zgrid.table.exact_units`: every finite double
+is an integer multiple of 2**-1074, so sums are exact and order-independent). Prices are
+integers of 1/1000 ("milli"): ``price_milli(p) = round_half_even(p * 1000)``, computed exactly
+from the double's integer ratio (no float multiplication): 0.0625 -> 62 and -0.0625 -> -62
+(exact ties go to the even neighbour), 0.0635 -> 64 (the double is 0.0635000000000000008...).
+
+1. Offers are taken in node-id order (code point order, which is also UTF-8 byte order); a
+   duplicate node id is a `ValueError`. Nothing below depends on the order of the input.
+2. Imbalance ``N = sum(production - consumption)`` in units.
+3. ``N < 0`` (deficit): direction UP, need ``R = -N``, candidates are offers with
+   ``flex_up > 0`` priced at ``price_up``. ``N > 0`` (surplus): direction DOWN, ``R = N``,
+   offers with ``flex_down > 0`` at ``price_down`` (a negative price, e.g. a battery that wants
+   to charge, is the cheapest). ``N == 0``: nothing activates.
+4. Candidates are grouped by milli price, cheapest group first. While ``R > 0``, for each group
+   with total flex ``G``: if ``G <= R`` every member is activated fully and ``R -= G``;
+   otherwise (the marginal group) member i gets ``floor(R * flex_i / G)`` units, and the
+   ``L = R - sum of those`` leftover units (``0 <= L <`` group size) go one each to the first L
+   members in node-id order; ``R = 0``. No member ever gets more than its flex.
+5. Activations are signed: ``+`` raises the node's net (UP), ``-`` lowers it (DOWN). Nodes not
+   activated are absent from `Clearing.activations` (read them with `activation_kw`, 0.0).
+6. The clearing price is the milli price of the last group that got any activation (the
+   marginal group, or the dearest one when flexibility ran out); None when ``N == 0`` or when
+   no offer was activated.
+7. Whatever ``R`` is left is the shortfall (load to shed in a deficit, generation to curtail in
+   a surplus), reported, never hidden. ``balanced_net = N + sum(activations)``: exactly
+   ``-shortfall`` in a deficit, ``+shortfall`` in a surplus, exactly 0 when flex sufficed.
+
+Floats appear only at the boundary: every ``*_kw`` is ``from_units`` of its units (correctly
+rounded), the price is ``milli / 1000`` (correctly rounded).
+
+The clearing hash
+-----------------
+``hash`` is blake2b with ``digest_size=8`` over the bytes below, read as a little-endian
+unsigned 64-bit integer. Every integer is written in ASCII decimal, ``-`` for negatives, no
+``+``, no leading zeros; ``\\0`` is a NUL byte, ``\\n`` a line feed; ids are UTF-8::
+
+    zgrid-clearing-v1\\n
+    imbalance\\0<N units>\\n
+    activations\\0<count>\\n
+    <node_id>\\0<activation units>\\n      (count lines: nonzero activations, ids ascending)
+    price\\0<price milli, or the word none>\\n
+    shortfall\\0<shortfall units>\\n
+
+The count line keeps the encoding unambiguous although a node may be called "price".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import groupby, pairwise
+from types import MappingProxyType
+
+from zgrid.table import exact_units, from_units
+
+PRICE_SCALE_MILLI = 1000  # prices are compared and hashed in integer thousandths
+HASH_DIGEST_BYTES = 8
+HASH_DOMAIN = b"zgrid-clearing-v1\n"
+
+
+class Direction(StrEnum):
+    """Which flexibility the island needs."""
+
+    NONE = "none"  # balanced already: nothing activates
+    UP = "up"  # deficit: raise nets (generate, discharge, shed load)
+    DOWN = "down"  # surplus: lower nets (curtail, charge, switch on load)
+
+
+class Shortfall(StrEnum):
+    """What the island must do about what flexibility could not cover."""
+
+    NONE = "none"
+    SHED_LOAD = "shed_load"  # deficit left over
+    CURTAIL_GENERATION = "curtail_generation"  # surplus left over
+
+
+def price_milli(price: float) -> int:
+    """`price` in integer thousandths, rounded half to even, computed exactly.
+
+    A double is n/d with d a power of two, so price*1000 = 1000n/d exactly; floor division and
+    the remainder decide the rounding without any float arithmetic. `price` must be finite.
+    """
+    numerator, denominator = price.as_integer_ratio()
+    quotient, remainder = divmod(numerator * PRICE_SCALE_MILLI, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2 == 1):
+        quotient += 1
+    return quotient
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One island member's base values and flexibility, as its advert carries them.
+
+    `price_up` and `price_down` are what the node asks per kWh for moving its net up or down;
+    `price_down` may be negative (it would pay to lower its net, e.g. to charge a battery).
+    """
+
+    node_id: str
+    production_kw: float
+    consumption_kw: float
+    flex_up_kw: float = 0.0
+    price_up: float = 0.0
+    flex_down_kw: float = 0.0
+    price_down: float = 0.0
+
+    def __post_init__(self) -> None:
+        # The wire validates adverts already; this guard keeps one bad offer built elsewhere
+        # (a simulator, a test) from failing deep inside integer arithmetic, or worse, a NaN
+        # from being hashed into a clearing.
+        if not isinstance(self.node_id, str) or not self.node_id or any(
+                c in self.node_id for c in "\0\n"):
+            raise ValueError(f"node_id: must be a non-empty id without NUL or newline, "
+                             f"got {self.node_id!r}")
+        for name in ("production_kw", "consumption_kw", "flex_up_kw", "price_up",
+                     "flex_down_kw", "price_down"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} of {self.node_id}: must be finite, got {value!r}")
+        for name in ("flex_up_kw", "flex_down_kw"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} of {self.node_id}: must be >= 0, "
+                                 f"got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Clearing:
+    """The result of `clear`: exact integers (the decision) and their floats (for display).
+
+    `activations` holds only nonzero activations, in kW: + raises that node's net, - lowers it.
+    """
+
+    # The units are 300-digit integers: left out of repr, which shows the kW.
+    direction: Direction
+    imbalance_units: int = field(repr=False)  # N: sum of base nets in 2**-1074 kW
+    activation_units: Mapping[str, int] = field(repr=False, hash=False)  # nonzero, by id
+    price_milli: int | None
+    shortfall_units: int = field(repr=False)  # >= 0
+    shortfall: Shortfall
+    balanced_net_units: int = field(repr=False)  # N + sum(activations): -/+ shortfall, or 0
+    imbalance_kw: float
+    activations: Mapping[str, float] = field(hash=False)
+    clearing_price: float | None
+    shortfall_kw: float
+    balanced_net_kw: float
+    hash: int  # see the module docstring for the exact bytes hashed
+
+    def activation_kw(self, node_id: str) -> float:
+        """What `node_id` must apply: 0.0 for a node not activated (or not in the island)."""
+        return self.activations.get(node_id, 0.0)
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes `hash` is computed over (module docstring)."""
+        return canonical_bytes(self.imbalance_units, self.activation_units.items(),
+                               self.price_milli, self.shortfall_units)
+
+
+def canonical_bytes(imbalance_units: int, activation_units: Iterable[tuple[str, int]],
+                    price: int | None, shortfall_units: int) -> bytes:
+    """The canonical encoding of a clearing (module docstring); zero activations are left out
+    and the rest sorted by id here, so any iterable of (id, units) gives the same bytes."""
+    rows = sorted((node_id, units) for node_id, units in activation_units if units != 0)
+    lines = [f"imbalance\0{imbalance_units}", f"activations\0{len(rows)}"]
+    lines.extend(f"{node_id}\0{units}" for node_id, units in rows)
+    lines.append(f"price\0{'none' if price is None else price}")
+    lines.append(f"shortfall\0{shortfall_units}")
+    return HASH_DOMAIN + "".join(line + "\n" for line in lines).encode()
+
+
+def clearing_hash(data: bytes) -> int:
+    """blake2b-64 of `data`, little-endian: the same construction as the table hash."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_DIGEST_BYTES).digest(),
+                          "little")
+
+
+def clear(offers: Sequence[Offer]) -> Clearing:
+    """Balance an island: its members' offers in, who moves by how much out (module docstring).
+
+    Pure and deterministic: the same set of offers in any order gives the bit-identical result.
+    """
+    ordered = sorted(offers, key=lambda o: o.node_id)
+    for before, after in pairwise(ordered):
+        if before.node_id == after.node_id:
+            raise ValueError(f"node_id: duplicate offer for {before.node_id!r}")
+
+    imbalance = sum(exact_units(o.production_kw) - exact_units(o.consumption_kw)
+                    for o in ordered)
+    if imbalance < 0:
+        direction, sign = Direction.UP, 1
+        candidates = [(price_milli(o.price_up), o.node_id, exact_units(o.flex_up_kw))
+                      for o in ordered if o.flex_up_kw > 0]
+    elif imbalance > 0:
+        direction, sign = Direction.DOWN, -1
+        candidates = [(price_milli(o.price_down), o.node_id, exact_units(o.flex_down_kw))
+                      for o in ordered if o.flex_down_kw > 0]
+    else:
+        direction, sign, candidates = Direction.NONE, 0, []
+
+    remaining = abs(imbalance)
+    granted: dict[str, int] = {}
+    price: int | None = None
+    # Sorting on (price, id) keeps each price group in id order: the leftover rule needs it.
+    for group_price, group_iter in groupby(sorted(candidates), key=lambda c: c[0]):
+        if remaining == 0:
+            break
+        group = list(group_iter)
+        group_flex = sum(flex for _, _, flex in group)
+        price = group_price
+        if group_flex <= remaining:
+            for _, node_id, flex in group:
+                granted[node_id] = flex
+            remaining -= group_flex
+            continue
+        shares = [(node_id, remaining * flex // group_flex) for _, node_id, flex in group]
+        leftover = remaining - sum(share for _, share in shares)
+        for index, (node_id, share) in enumerate(shares):
+            # Fewer leftover units than members, and each member's floor share is below its
+            # flex (remaining < group_flex), so one more unit each never exceeds a flex.
+            units = share + (1 if index < leftover else 0)
+            if units:
+                granted[node_id] = units
+        remaining = 0
+
+    activation_units = {node_id: sign * units for node_id, units in sorted(granted.items())}
+    balanced = imbalance + sum(activation_units.values())
+    if remaining == 0:
+        shortfall = Shortfall.NONE
+    elif direction is Direction.UP:
+        shortfall = Shortfall.SHED_LOAD
+    else:
+        shortfall = Shortfall.CURTAIL_GENERATION
+    return Clearing(
+        direction=direction,
+        imbalance_units=imbalance,
+        activation_units=MappingProxyType(activation_units),
+        price_milli=price,
+        shortfall_units=remaining,
+        shortfall=shortfall,
+        balanced_net_units=balanced,
+        imbalance_kw=from_units(imbalance),
+        activations=MappingProxyType({node_id: from_units(units)
+                                      for node_id, units in activation_units.items()}),
+        clearing_price=None if price is None else price / PRICE_SCALE_MILLI,
+        shortfall_kw=from_units(remaining),
+        balanced_net_kw=from_units(balanced),
+        hash=clearing_hash(canonical_bytes(imbalance, activation_units.items(), price,
+                                           remaining)),
+    )
