@@ -1,5 +1,6 @@
 # zgrid: every target creates .venv if it is missing and installs the project into it.
 PYTHON ?= python3
+BENCH_ARGS ?=  # options both bench scripts take, e.g. BENCH_ARGS="--wait-quiet 240"
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -22,8 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check zgrid tests scripts
 	$(BIN)/mypy zgrid
 
-bench: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py
+bench: $(STAMP)  # real processes: the cost of signed adverts, then convergence, faults, idle, load
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_signing.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py $(BENCH_ARGS)
 
 bench-sim: $(STAMP)
 	$(BIN)/python scripts/bench_sim.py

@@ -7,6 +7,8 @@ What it is for: measuring, on this machine, the figures issues 2 and 3 ask for, 
             time; time from sending the set until every node's `watch` stream shows the new
             total (p50/p99/max), messages received per change (the nodes' messages_received
             counter) and CPU per handled message (schedstat CPU of all nodes / those messages).
+            N = 4 and 16 run a second time with `--keys` (CurveZMQ and signed adverts) on the
+            same topology, values and changes, and the difference is reported (issue 8).
   faults    N = 16, degree ~4: kill -9 a node, time until every other node's island excludes
             it; restart it (same --id and --data-dir), time until it is back in every island.
   idle      N = 16 idle nodes, node n00 with 8 siblings: CPU seconds per second and TCP bytes
@@ -42,7 +44,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +52,17 @@ import zmq
 
 from zgrid.harness import (
     HOST,
+    RECONNECT_IVL_MS,
     ControlFleet,
     NodeProc,
     die_with_parent_preexec,
     free_port,
     percentile,
+    require_loopback,
     summary,
     wait_until,
 )
+from zgrid.security import Membership, keygen, secure_client
 from zgrid.wire import Ping, SetRequest, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +76,9 @@ DEAD_AFTER_S = 1.0
 # so N=4 uses 2.5 (5 of the 6 possible edges) to keep at least one 2-hop path.
 CONVERGE_SIZES = (4, 16, 64)
 CONVERGE_DEGREE = {4: 2.5, 16: 3.5, 64: 4.0}
+CONVERGE_KEYS_SIZES = (4, 16)  # run again with --keys (issue 8)
+CONVERGE_ATTEMPTS = 2  # per grid: a second start if the first grid could not start
+OPERATOR_NAME = "operator"  # the control fleet's key: only an operator may `set` any node
 FAULT_NODES, FAULT_DEGREE = 16, 4.0
 IDLE_NODES, IDLE_DEGREE = 16, 4.0
 IDLE_HUB_SIBLINGS = 8  # node n00 gets exactly this many: the idle target is about such a node
@@ -363,6 +371,39 @@ class Run:
     log_level: str
 
 
+class SecureFleet(ControlFleet):
+    """harness.ControlFleet over CURVE, authenticated as `as_name` (ControlFleet itself speaks
+    plain TCP only). Each connection expects the node's own key, as zgrid-ctl does."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], keys: Path,
+                 as_name: str = OPERATOR_NAME) -> None:
+        super().__init__(ctx)
+        self.membership = Membership(keys)
+        self.as_name = as_name
+
+    def connect(self, node: str, endpoint: str, watch: bool = False) -> None:
+        # ControlFleet.connect with the CURVE options set before the socket connects.
+        require_loopback(endpoint)
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        secure_client(sock, self.membership, self.as_name, node)
+        sock.connect(endpoint)
+        self.socks[node] = sock
+        self.node_of[sock] = node
+        self.poller.register(sock, zmq.POLLIN)
+        if watch:
+            self._renew(node, time.perf_counter())
+
+
+def make_keys(directory: Path, node_ids: Iterable[str]) -> Path:
+    """A keys directory for a grid: every node's keys and one operator's (the control fleet)."""
+    for node_id in node_ids:
+        keygen(directory, node_id)
+    keygen(directory, OPERATOR_NAME, operator=True)
+    return directory
+
+
 @dataclass
 class BenchGrid:
     """N node processes on one topology, and one ControlFleet connected to all of them."""
@@ -403,43 +444,59 @@ def wait_agreement(grid: BenchGrid, timeout_s: float) -> dict[str, dict[str, Any
     expected = grid.expected_total()
     last: dict[str, dict[str, Any]] = {}
 
-    def agreed() -> dict[str, dict[str, Any]] | None:
+    def agreed() -> tuple[list[str], dict[str, dict[str, Any]]] | None:
+        # A node that exited (e.g. its port was taken before it could bind) ends the wait at
+        # once: the grid can no longer agree.
+        dead = [node.id for node in grid.nodes if not node.alive]
+        if dead:
+            return dead, {}
         last.clear()
         last.update(grid.statuses())
         ok = len(last) == len(ids) and all(
             s["island"] == ids and s["total_net"] == expected
             and all(sib["up"] for sib in s["siblings"]) for s in last.values())
-        return dict(last) if ok else None
+        return ([], dict(last)) if ok else None
 
     try:
-        return wait_until(agreed, timeout_s, AGREEMENT_POLL_S, "the grid to agree")
+        dead, statuses = wait_until(agreed, timeout_s, AGREEMENT_POLL_S, "the grid to agree")
     except AssertionError as exc:
         seen = {n: (s.get("island_size"), s.get("total_net")) for n, s in last.items()}
         raise RuntimeError(f"grid did not agree within {timeout_s}s (expected {expected!r}); "
                            f"views: {seen}") from exc
+    if dead:
+        tails = {nd.id: nd.log_text().strip().splitlines()[-1:] for nd in grid.nodes
+                 if nd.id in dead and nd.log_path.exists()}
+        raise RuntimeError(f"node(s) exited before the grid agreed: {tails}")
+    return statuses
 
 
 @contextlib.contextmanager
 def running_grid(run: Run, name: str, n: int, avg_degree: float, *, watch: bool,
-                 hub_siblings: int = 0) -> Iterator[BenchGrid]:
+                 hub_siblings: int = 0, keys: bool = False) -> Iterator[BenchGrid]:
     """Start N nodes on a random topology, connect the control fleet (watching every node if
-    `watch`), wait until they agree; kill every node on the way out, whatever happens."""
+    `watch`), wait until they agree; kill every node on the way out, whatever happens.
+    With `keys`, every node runs with --keys (one keys directory for the grid, as in the
+    README) and the control fleet speaks CURVE as the operator."""
     edges = random_topology(n, avg_degree, run.rng, hub_siblings)
     values = [random_values(run.rng) for _ in range(n)]
     tmp = run.tmp / name
     tmp.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in range(n)]
+    ids = [f"n{i:02d}" for i in range(n)]
+    keys_dir = make_keys(tmp / "keys", ids) if keys else None
     nodes = []
-    for i in range(n):
-        node_id = f"n{i:02d}"
+    for i, node_id in enumerate(ids):
         args = ["--production", repr(values[i][0]), "--consumption", repr(values[i][1]),
                 "--ping-interval", str(PING_INTERVAL_S), "--dead-after", str(DEAD_AFTER_S)]
-        # Each edge is given to one end only; the other end links back by itself.
+        # Each edge is given to one end only; the other end links back by itself. With keys
+        # a sibling is named ID@ENDPOINT, so its CURVE key can be looked up.
         for a, _ in (e for e in edges if e[1] == i):
-            args += ["--sibling", f"tcp://{HOST}:{ports[a]}"]
+            args += ["--sibling", f"{ids[a]}@tcp://{HOST}:{ports[a]}" if keys
+                     else f"tcp://{HOST}:{ports[a]}"]
         nodes.append(NodeProc(node_id, ports[i], tmp / node_id, tmp / f"{node_id}.log",
-                              tuple(args), log_level=run.log_level))
-    grid = BenchGrid(edges, values, nodes, ControlFleet(run.ctx))
+                              tuple(args), keys=keys_dir, log_level=run.log_level))
+    control = ControlFleet(run.ctx) if keys_dir is None else SecureFleet(run.ctx, keys_dir)
+    grid = BenchGrid(edges, values, nodes, control)
     try:
         for node in nodes:
             STARTED.append(node)
@@ -553,7 +610,8 @@ def one_change(grid: BenchGrid, origin: int, rng: random.Random,
     cpu_ns = sum(a[0] - b[0] for a, b in zip(sched1, sched0, strict=True))
     wait_ns = sum(a[1] - b[1] for a, b in zip(sched1, sched0, strict=True))
     deltas = counter_deltas(before, after, ("messages_received", "adverts_received",
-                                            "adverts_accepted", "digests_sent", "sends_dropped"))
+                                            "adverts_accepted", "digests_sent", "sends_dropped",
+                                            "bad_signatures"))
     messages = deltas["messages_received"]
     return {
         "origin": ids[origin],
@@ -573,8 +631,9 @@ def one_change(grid: BenchGrid, origin: int, rng: random.Random,
     }, after
 
 
-def bench_converge(run: Run, n: int, changes: int) -> dict[str, Any]:
-    with running_grid(run, f"converge{n}", n, CONVERGE_DEGREE[n], watch=True) as grid:
+def bench_converge(run: Run, n: int, changes: int, keys: bool = False) -> dict[str, Any]:
+    with running_grid(run, f"converge{n}{'-keys' if keys else ''}", n, CONVERGE_DEGREE[n],
+                      watch=True, keys=keys) as grid:
         topo = grid.topology()
         dist = hop_distances(n, grid.edges)
         records: list[dict[str, Any]] = []
@@ -602,7 +661,7 @@ def bench_converge(run: Run, n: int, changes: int) -> dict[str, Any]:
         return statistics.fmean(r[key] for r in records)
 
     return {
-        "topology": topo, "changes": changes,
+        "topology": topo, "changes": changes, "keys": keys,
         "timeouts": sum(1 for r in records if r["converged_ms"] is None),
         "converged": summary_ms(conv), "set_ack": summary_ms(acks),
         "node_stamped": summary_ms(stamped_all),
@@ -620,12 +679,77 @@ def bench_converge(run: Run, n: int, changes: int) -> dict[str, Any]:
         "flood_model_adverts_per_change": 2 * len(grid.edges) - (n - 1),
         "digests_sent_total": sum(r["digests_sent"] for r in records),
         "sends_dropped_total": sum(r["sends_dropped"] for r in records),
+        "bad_signatures_total": sum(r["bad_signatures"] for r in records),
         "link_flaps_total": flaps,
         "physical_limit_ms": topo["diameter"] * LOOPBACK_HOP_US / MS_PER_S,
         "target_p50_ms": TARGET_P50_MS[n],
         "target_cpu_us_per_message": TARGET_CPU_PER_MESSAGE_US,
         "records": records,
     }
+
+
+KEYS_COMPARED = (("converged", "p50_ms"), ("converged", "p99_ms"), ("converged", "max_ms"),
+                 ("node_stamped", "p50_ms"), ("set_ack", "p50_ms"))
+
+
+def keys_difference(plain: dict[str, Any], keyed: dict[str, Any]) -> dict[str, Any]:
+    """keyed - plain for the latency figures and the CPU per change, of two runs on the same
+    topology, values and changes; and the extra CPU per advert accepted (each one verified)."""
+    diff: dict[str, Any] = {f"{part}_{key}": keyed[part][key] - plain[part][key]
+                            for part, key in KEYS_COMPARED}
+    diff["converged_p50_pct"] = (100.0 * diff["converged_p50_ms"] / plain["converged"]["p50_ms"]
+                                 if plain["converged"]["p50_ms"] else None)
+    cpu = keyed["node_cpu_ms_per_change"] - plain["node_cpu_ms_per_change"]
+    diff["node_cpu_ms_per_change"] = cpu
+    accepted = keyed["adverts_accepted_per_change"]
+    diff["node_cpu_us_per_advert_accepted"] = cpu * US_PER_MS / accepted if accepted else None
+    diff["same_topology"] = plain["topology"]["edge_list"] == keyed["topology"]["edge_list"]
+    diff["same_changes"] = ([r["origin"] for r in plain["records"]]
+                            == [r["origin"] for r in keyed["records"]])
+    return diff
+
+
+def bench_converge_sizes(run: Run, sizes: Sequence[int], changes: int,
+                         keys_sizes: Sequence[int]) -> dict[str, Any]:
+    """bench_converge for each size; sizes in keys_sizes run again with --keys right after
+    their unsigned run (close in time, so other load skews both alike), from the same RNG
+    state: the same topology, values and changes. run.rng continues from the unsigned runs
+    only, so the other parts draw the topologies they drew before keys were measured."""
+    conv: dict[str, Any] = {}
+    keyed: dict[str, Any] = {}
+    failed: list[str] = []
+
+    def attempt(label: str, n: int, rng: random.Random, state: Any, keys: bool
+                ) -> dict[str, Any]:
+        # A grid that fails to start (typically a node whose free port was taken before it
+        # bound it, on a machine busy with other tests) is started again once from the same
+        # RNG state, i.e. the same topology, values and changes; the retry is recorded.
+        errors: list[str] = []
+        for _ in range(CONVERGE_ATTEMPTS):
+            rng.setstate(state)
+            try:
+                result = bench_converge(replace(run, rng=rng), n, changes, keys=keys)
+            except (RuntimeError, OSError, zmq.ZMQError, subprocess.SubprocessError) as exc:
+                errors.append(repr(exc))
+                print(f"\nconverge {label}: attempt {len(errors)} FAILED: {exc!r}"[:400],
+                      file=sys.stderr)
+                continue
+            return {**result, "attempts": len(errors) + 1, "failed_attempts": errors}
+        failed.append(label)
+        return {"error": errors[-1], "failed_attempts": errors}
+
+    for n in sizes:
+        state = run.rng.getstate()
+        conv[str(n)] = attempt(f"N={n}", n, run.rng, state, keys=False)
+        if n in keys_sizes:
+            keyed[str(n)] = attempt(f"N={n} --keys", n, random.Random(), state, keys=True)
+            if "error" not in keyed[str(n)] and "error" not in conv[str(n)]:
+                keyed[str(n)]["difference_vs_unsigned"] = keys_difference(conv[str(n)],
+                                                                          keyed[str(n)])
+    if keyed:
+        conv["with_keys"] = keyed
+    conv["failed"] = failed
+    return conv
 
 
 # ============================================================================ part 2: faults
@@ -899,6 +1023,32 @@ def report_converge(results: dict[str, Any]) -> None:
                      for h, v in r["arrival_by_hops_ms"].items()])
 
 
+def report_converge_keys(plain: dict[str, Any], keyed: dict[str, Any]) -> None:
+    def signed(x: float | None, digits: int = 2) -> str:
+        return "-" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+
+    rows = []
+    for n, k in keyed.items():
+        p, d = plain[n], k["difference_vs_unsigned"]
+        rows.append([f"N={n}", fmt(k["converged"]["p50_ms"]), fmt(k["converged"]["p99_ms"]),
+                     fmt(k["converged"]["max_ms"]), signed(d["converged_p50_ms"]),
+                     signed(d["converged_p99_ms"]), signed(d["converged_max_ms"]),
+                     signed(d["converged_p50_pct"], 0) + " %",
+                     signed(d["node_stamped_p50_ms"]), fmt(k["set_ack"]["p50_ms"]),
+                     f"{fmt(k['node_cpu_ms_per_change'], 1)} / "
+                     f"{fmt(p['node_cpu_ms_per_change'], 1)}",
+                     fmt(k["adverts_accepted_per_change"], 1),
+                     signed(d["node_cpu_us_per_advert_accepted"], 0),
+                     k["bad_signatures_total"], k["timeouts"],
+                     "yes" if d["same_topology"] and d["same_changes"] else "NO"])
+    print_table("Convergence with --keys (CurveZMQ, every advert signed and verified): the same "
+                "topology, values and changes as the unsigned run; d = keys - unsigned",
+                ["grid", "p50 ms", "p99 ms", "max ms", "d p50", "d p99", "d max", "d p50 %",
+                 "d stamped p50", "ack p50 ms", "cpu ms/chg keys / unsigned",
+                 "verified/chg", "d cpu us/verified", "bad sigs", "timeouts", "same run"],
+                rows)
+
+
 def report_faults(r: dict[str, Any]) -> None:
     e, j = r["exclusion"], r["rejoin"]
     print_table(f"Faults: N={r['topology']['nodes']}, avg degree "
@@ -1001,13 +1151,22 @@ def wait_quiet(max_wait_s: float) -> dict[str, float]:
     return sample
 
 
-def run_part(part: str, run: Run, quick: bool, changes: int | None) -> dict[str, Any]:
+def run_part(part: str, run: Run, quick: bool, changes: int | None,
+             sizes: Sequence[int] = CONVERGE_SIZES,
+             keys_sizes: Sequence[int] = CONVERGE_KEYS_SIZES) -> dict[str, Any]:
     if part == "converge":
         per_size = changes or (CHANGES_QUICK if quick else CHANGES_FULL)
-        conv: dict[str, Any] = {str(n): bench_converge(run, n, per_size)
-                                for n in CONVERGE_SIZES}
+        conv = bench_converge_sizes(run, sizes, per_size, keys_sizes)
         calibration = calibrate_loopback(run.ctx)
-        report_converge(conv)
+        plain = {n: r for n, r in conv.items()
+                 if n not in ("with_keys", "failed") and "error" not in r}
+        report_converge(plain)
+        keyed = {n: r for n, r in conv.get("with_keys", {}).items()
+                 if "difference_vs_unsigned" in r}
+        if keyed:
+            report_converge_keys(plain, keyed)
+        for label in conv["failed"]:
+            print(f"  converge {label}: FAILED twice, no figures (see the errors in the JSON)")
         print(f"  bare pyzmq round trip between two Python processes on loopback: "
               f"p50 {calibration['hot_rtt_p50_us']:.0f} us back-to-back, "
               f"{calibration['spaced_rtt_p50_us']:.0f} us with "
@@ -1046,6 +1205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         action="append", help="run only this part (repeatable)")
     parser.add_argument("--changes", type=int, help="changes per grid size in the converge "
                         f"part (default {CHANGES_FULL}, {CHANGES_QUICK} with --quick)")
+    parser.add_argument("--sizes", type=int, nargs="+", choices=CONVERGE_SIZES,
+                        default=list(CONVERGE_SIZES), metavar="N",
+                        help="grid sizes in the converge part (default: 4 16 64). A size's "
+                        "topology depends on the sizes run before it: `--sizes 4 16` draws "
+                        "what the full run draws")
+    parser.add_argument("--no-keys", action="store_true",
+                        help="skip the second converge run of N=4 and 16 with --keys")
     parser.add_argument("--seed", type=int, default=1, help="topologies and values")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
@@ -1083,13 +1249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             background = Background()
             background.begin()
             try:
-                result = run_part(part, run, args.quick, args.changes)
+                result = run_part(part, run, args.quick, args.changes, sorted(args.sizes),
+                                  () if args.no_keys else CONVERGE_KEYS_SIZES)
             except (RuntimeError, OSError, zmq.ZMQError, subprocess.SubprocessError) as exc:
                 # One broken part must not hide the others' figures; its nodes are already
                 # killed by running_grid. Keep their logs for the post-mortem.
                 failed.append(part)
                 result = {"error": repr(exc)}
                 print(f"\n{part}: FAILED: {exc!r}", file=sys.stderr)
+            if result.get("failed"):  # converge: some grid sizes failed, the others measured
+                failed.append(part)
             bg = background.end()
             results[part] = result
             results[f"{part}_machine_load"] = bg

@@ -14,6 +14,9 @@ import pytest
 
 from zgrid.core import (
     REFUSED_RETRY_S,
+    STORAGE_FAILING,
+    STORAGE_LOG_INTERVAL_S,
+    STORAGE_RETRY_S,
     WATCH_LEASE_S,
     Config,
     Connect,
@@ -28,6 +31,7 @@ from zgrid.core import (
     Respond,
     Send,
     SendOnce,
+    Trust,
 )
 from zgrid.errors import ProtocolError
 from zgrid.sim import Simulator, converged_sim
@@ -84,6 +88,21 @@ def pair() -> tuple[Simulator, Core, Core]:
 
 def from_sibling(sender: Core, *adverts: Advert) -> Adverts:
     return Adverts(sender.id, sender.config.nonce, adverts)
+
+
+def hello_sent(effects: list[Effect], endpoint: str) -> Hello:
+    """The HELLO request the core sent to `endpoint` among `effects` (an ack must echo its
+    token: only a node receiving there has seen it)."""
+    (hello,) = [e.message for e in effects if isinstance(e, Send) and e.endpoint == endpoint
+                and isinstance(e.message, Hello) and not e.message.ack]
+    return hello
+
+
+def ack_of(request: Hello, sender: str, nonce: int, endpoint: str) -> Hello:
+    """What the node at `request.dialed` answers: the dialed endpoint and token echoed, and its
+    digest (which always lists itself)."""
+    return Hello(sender, nonce, endpoint, ack=True, digest={sender: (1, 1)},
+                 dialed=request.dialed, token=request.token)
 
 
 # ------------------------------------------------------------------------ merge rules
@@ -406,10 +425,10 @@ def test_a_message_a_node_never_accepts_is_answered_with_an_error() -> None:
 
 
 def test_a_revoked_member_is_served_nothing() -> None:
-    c = Core(Config("a", "tcp://a:7000", 1), members={"a", "op"})
+    c = Core(Config("a", "tcp://a:7000", 1), trust=Trust(frozenset({"a", "op"})))
     (allowed,) = c.handle(CLIENT, StatusRequest(), 0.0, authenticated_as="op")
     assert isinstance(allowed, Respond) and allowed.reply.ok
-    c.membership_changed({"a"}, 1.0)
+    c.membership_changed(Trust(frozenset({"a"})), 1.0)
     (refused,) = c.handle(CLIENT, StatusRequest(), 1.0, authenticated_as="op")
     assert isinstance(refused, Respond) and refused.reply.code == "revoked"
     assert "op is not a member" in refused.reply.message
@@ -444,8 +463,8 @@ def test_a_node_that_dialled_itself_forgets_that_sibling() -> None:
 
 def test_a_sibling_that_is_not_the_expected_node_is_refused_and_not_linked() -> None:
     c = core()
-    ask(c, LinkRequest("n9@tcp://x:7000"), 0.0)
-    deliver(c, Hello("n8", 5, "tcp://x:7000", ack=True, dialed="tcp://x:7000"), 0.5)
+    request = hello_sent(ask(c, LinkRequest("n9@tcp://x:7000"), 0.0), "tcp://x:7000")
+    deliver(c, ack_of(request, "n8", 5, "tcp://x:7000"), 0.5)
     sib = c.sibling("tcp://x:7000")
     assert sib is not None and sib.state is LinkState.REFUSED
     assert sib.error == "expected node n9 at tcp://x:7000, found n8"
@@ -467,8 +486,8 @@ def test_a_duplicate_id_goodbye_reports_a_conflict() -> None:
     deliver(a, Bye("n1", b.config.nonce, ByeReason.DUPLICATE_ID, detail="n0 is alive"),
             sim.now)
     assert a.conflict == "n1 refused us: n0 is alive"
-    hello_ack = Hello("n1", b.config.nonce, "tcp://n1:7000", ack=True, dialed="tcp://n1:7000")
-    deliver(a, hello_ack, sim.now + 6.0)
+    retry = hello_sent(a.timer(sim.now + 6.0), "tcp://n1:7000")  # a refused link is retried
+    deliver(a, ack_of(retry, "n1", b.config.nonce, "tcp://n1:7000"), sim.now + 6.0)
     assert not a.conflict, "an accepted link later clears the conflict"
 
 
@@ -484,14 +503,14 @@ def test_a_goodbye_from_a_past_life_or_a_stranger_changes_nothing() -> None:
 
 def test_a_revoked_sibling_is_dropped_and_dialled_again_once_its_key_is_back() -> None:
     sim, a, _b = pair()
-    a.membership_changed({"n0", "n1"}, sim.now)
-    effects = a.membership_changed({"n0"}, sim.now)
+    a.membership_changed(Trust(frozenset({"n0", "n1"})), sim.now)
+    effects = a.membership_changed(Trust(frozenset({"n0"})), sim.now)
     sib = a.sibling("n1")
     assert sib is not None and sib.state is LinkState.REFUSED and "revoked" in sib.error
     assert Disconnect("tcp://n1:7000") in effects
     assert a.own_advert.links == ()
     assert not any(isinstance(e, Send) for e in a.timer(sim.now + 60.0)), "never re-dialled"
-    effects = a.membership_changed({"n0", "n1"}, sim.now + 61.0)
+    effects = a.membership_changed(Trust(frozenset({"n0", "n1"})), sim.now + 61.0)
     assert sib.state is LinkState.DOWN and sib.error == ""
     assert Connect("tcp://n1:7000", "n1") in effects
     assert any(isinstance(e, Send) and isinstance(e.message, Hello)
@@ -590,3 +609,107 @@ def test_an_origin_that_was_back_in_the_island_gets_a_full_forget_after_again() 
     table.merge(advert("b", 1, 3))  # b drops the link again
     assert table.forget(12.0, forget_after_s=10.0) == [], "unreachable since 12, not since 0"
     assert table.forget(22.0, forget_after_s=10.0) == ["b"]
+
+
+# ------------------------------------------------------------------------ failed saves
+
+DISK_FULL = "disk full: cannot save the node state in /data/a (SQLite: database or disk is full)"
+
+
+def own_adverts_sent(effects: list[Effect], origin: str) -> list[Advert]:
+    return [ad for e in effects if isinstance(e, Send) and isinstance(e.message, Adverts)
+            for ad in e.message.adverts if ad.origin == origin]
+
+
+def test_a_set_that_cannot_be_saved_is_undone_and_a_newer_advert_restores_the_saved_values(
+        ) -> None:
+    _sim, a, b = pair()
+    now = 5.0
+    saved = (a.production, a.consumption)
+    effects = ask(a, SetRequest(9.0, 3.0, rid=4), now)
+    (persist,) = [e for e in effects if isinstance(e, Persist)]
+    reply = effects[-1]
+    assert isinstance(reply, Respond) and reply.acknowledges and reply.reply.ok
+    (flooded,) = own_adverts_sent(a.flush(now), "n0")  # the runtime floods before the fsync
+    assert flooded.production == 9.0
+
+    logs = a.save_failed(persist.state, DISK_FULL, now)
+    assert (a.production, a.consumption) == saved, "nothing changes in memory"
+    assert [e.level for e in logs if isinstance(e, Log)] == [LogLevel.ERROR]
+    (restoring,) = own_adverts_sent(a.flush(now), "n0")
+    assert restoring.version > flooded.version, "the unsaved advert is superseded"
+    assert (restoring.production, restoring.consumption) == saved
+    deliver(b, from_sibling(a, flooded), now)
+    deliver(b, from_sibling(a, restoring), now)
+    assert b.table.by_origin["n0"].production == saved[0], "and on the wire"
+    assert a.status(now)["storage"] == f"failing: {DISK_FULL}"
+    refusal = a.refuse_unsaved(reply.reply)
+    assert (refusal.ok, refusal.rid, refusal.code) == (False, 4, STORAGE_FAILING)
+    assert DISK_FULL in refusal.message and "did not make this change" in refusal.message
+
+
+def test_saves_are_retried_while_they_fail_and_changes_work_again_once_one_succeeds() -> None:
+    c = core()
+    c.save_succeeded(c.start(0.0)[0].state, 0.0)  # type: ignore[union-attr]
+    (persist,) = [e for e in ask(c, SetRequest(4.0, None), 1.0) if isinstance(e, Persist)]
+    c.save_failed(persist.state, DISK_FULL, 1.0)
+    assert c.next_deadline() <= 1.0 + STORAGE_RETRY_S
+    retries = [e for e in c.timer(1.0 + STORAGE_RETRY_S) if isinstance(e, Persist)]
+    assert len(retries) == 1 and retries[0].state.production == 0.0, "the saved value, not 4"
+    (recovered,) = c.save_succeeded(retries[0].state, 1.0 + STORAGE_RETRY_S)
+    assert isinstance(recovered, Log) and recovered.level is LogLevel.INFO
+    assert c.status(3.0)["storage"] == "ok"
+    assert not [e for e in c.timer(20.0) if isinstance(e, Persist)], "no retries once it works"
+    effects = ask(c, SetRequest(4.0, None), 21.0)
+    assert effects[-1].reply.ok and c.production == 4.0  # type: ignore[union-attr]
+    (persist,) = [e for e in effects if isinstance(e, Persist)]
+    c.save_succeeded(persist.state, 21.0)
+    c.save_failed(persist.state, DISK_FULL, 22.0)  # a later failure goes back to *that* save
+    assert c.production == 4.0
+
+
+def test_a_link_and_an_unlink_that_cannot_be_saved_are_undone_and_not_tried_while_saves_fail(
+        ) -> None:
+    _sim, a, b = pair()
+    now = 5.0
+    b_endpoint = b.config.endpoint
+    effects = ask(a, UnlinkRequest("n1"), now)
+    (persist,) = [e for e in effects if isinstance(e, Persist)]
+    undo = a.save_failed(persist.state, DISK_FULL, now)
+    assert Connect(b_endpoint, "n1") in undo, "an unsaved unlink is undone by linking again"
+    assert b_endpoint in a.siblings and a.siblings[b_endpoint].expected_id == "n1"
+
+    for request in (LinkRequest("tcp://c:7000"), UnlinkRequest("n1")):
+        effects = ask(a, request, now)
+        assert len(effects) == 1 and not effects[0].reply.ok  # type: ignore[union-attr]
+        assert effects[0].reply.code == STORAGE_FAILING  # type: ignore[union-attr]
+    assert set(a.siblings) == {b_endpoint}
+
+    a.save_succeeded(a.persisted_state(), now + 1)
+    effects = ask(a, LinkRequest("tcp://c:7000"), now + 1)
+    assert effects[-1].reply.ok  # type: ignore[union-attr]
+    (persist,) = [e for e in effects if isinstance(e, Persist)]
+    undo = a.save_failed(persist.state, DISK_FULL, now + 1)
+    assert Disconnect("tcp://c:7000") in undo and "tcp://c:7000" not in a.siblings
+
+
+def test_only_replies_to_changes_acknowledge_a_persist() -> None:
+    c = core()
+    assert ask(c, SetRequest(1.0, None), 0.0)[-1].acknowledges  # type: ignore[union-attr]
+    assert ask(c, LinkRequest("tcp://b:7000"), 0.0)[-1].acknowledges  # type: ignore[union-attr]
+    for request in (StatusRequest(), LinkRequest("tcp://b:7000"), SetRequest(-1.0, None)):
+        assert not ask(c, request, 0.0)[-1].acknowledges  # type: ignore[union-attr]
+
+
+def test_failing_saves_are_logged_at_most_once_per_interval_unless_the_reason_changes() -> None:
+    c = core()
+    state = c.persisted_state()
+
+    def logged(why: str, now: float) -> list[str]:
+        return [e.text for e in c.save_failed(state, why, now) if isinstance(e, Log)]
+
+    assert len(logged(DISK_FULL, 0.0)) == 1
+    assert logged(DISK_FULL, 1.0) == [] and logged(DISK_FULL, 2.0) == []
+    (again,) = logged(DISK_FULL, STORAGE_LOG_INTERVAL_S)
+    assert "3 failed save(s)" in again  # the two it kept quiet about, and this one
+    assert len(logged("I/O error: the disk says no", STORAGE_LOG_INTERVAL_S + 1)) == 1

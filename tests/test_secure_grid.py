@@ -16,8 +16,9 @@ from conftest import BIN, Grid, NodeProc, ctl, free_port, wait_until
 @pytest.fixture
 def keys(tmp_path: Path) -> Path:
     directory = tmp_path / "keys"
-    for name in ("n1", "n2", "n3", "operator"):
+    for name in ("n1", "n2", "n3"):
         keygen(directory, name)
+    keygen(directory, "operator", operator=True)
     return directory
 
 

@@ -31,6 +31,7 @@ from zgrid.security import (
     secure_client,
     secure_server,
 )
+from zgrid.signing import public_of
 
 WAIT_S = 5.0  # deadline for anything that should happen
 QUIET_S = 0.3  # how long to watch for something that must not happen, once refusal is seen
@@ -162,6 +163,51 @@ def test_keygen_refuses_bad_names(tmp_path: Path, name: str) -> None:
     with pytest.raises(SecurityError, match="key name"):
         keygen(tmp_path / "k", name)
     assert not list(tmp_path.rglob("*.key*"))
+
+
+def test_keygen_writes_a_signing_keypair_beside_the_curve_keypair(tmp_path: Path) -> None:
+    public_path, secret_path = keygen(tmp_path, "n1")
+    assert b"sign-public-key" in public_path.read_bytes()
+    assert b"sign-secret-key" not in public_path.read_bytes()
+    assert b"sign-secret-key" in secret_path.read_bytes()
+    membership = Membership(tmp_path)
+    seed = membership.load_own_signing("n1")
+    assert public_of(seed) == membership.signing_keys()["n1"]
+    assert membership.operators() == frozenset() and membership.problems == []
+
+
+def test_keygen_operator_gives_the_operator_role(tmp_path: Path) -> None:
+    keygen(tmp_path, "n1")
+    keygen(tmp_path, "admin", operator=True)
+    assert Membership(tmp_path).operators() == {"admin"}
+
+
+def test_a_key_without_a_signing_key_admits_its_member_but_says_its_adverts_are_dropped(
+        tmp_path: Path) -> None:
+    public_path, secret_path = keygen(tmp_path, "old")
+    for path in (public_path, secret_path):  # as zgrid wrote them before adverts were signed
+        path.write_bytes(b"".join(line for line in path.read_bytes().splitlines(keepends=True)
+                                  if b"sign-" not in line))
+    membership = Membership(tmp_path)
+    assert "old" in membership and "old" not in membership.signing_keys()
+    assert any("old.key has no valid sign-public-key" in p and "dropped" in p
+               for p in membership.problems)
+    with pytest.raises(SecurityError, match="holds no sign-secret-key"):
+        membership.load_own_signing("old")
+
+
+def test_a_signing_secret_that_does_not_match_its_public_key_is_refused(tmp_path: Path) -> None:
+    keygen(tmp_path / "a", "n1")
+    keygen(tmp_path / "b", "n1")
+
+    def sign_line(path: Path) -> bytes:
+        return next(x for x in path.read_bytes().splitlines(keepends=True) if b"sign-pub" in x)
+
+    public = tmp_path / "a" / "n1.key"
+    public.write_bytes(public.read_bytes().replace(sign_line(public),
+                                                   sign_line(tmp_path / "b" / "n1.key")))
+    with pytest.raises(SecurityError, match="does not belong to the signing secret"):
+        Membership(tmp_path / "a").load_own_signing("n1")
 
 
 # ---------------------------------------------------------------------------- membership

@@ -8,6 +8,7 @@ always hold the last reported state or the one that was in flight, never anythin
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import random
 import signal
@@ -22,9 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from zgrid.errors import StoreError
+from zgrid import store as store_module
+from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
 from zgrid.store import DB_FILE_NAME, LOCK_FILE_NAME, SCHEMA_VERSION, Store
+
+from conftest import SmallDisk
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT_S = 30.0
@@ -84,6 +88,45 @@ HOLDER_SRC = textwrap.dedent("""
     store = Store.open(Path(sys.argv[1]), "n1")
     print("locked", flush=True)
     sys.stdin.read()  # hold the store until the test closes our stdin
+    """)
+
+
+# Run inside a small tmpfs's mount namespace (as root there): save, fill the disk, reopen;
+# free it, reopen; remount it read-only, reopen. Prints what each step raised, as JSON.
+FULL_DISK_SRC = textwrap.dedent("""
+    import json, subprocess, sys
+    from pathlib import Path
+    from zgrid.errors import StoreError
+    from zgrid.persisted import PersistedState
+    from zgrid.store import Store
+
+    disk = Path(sys.argv[1])
+    data_dir = disk / "n1"
+    state = PersistedState("n1", 7, 2.5, 1.0, ("n2@tcp://127.0.0.1:5002",))
+    report = {}
+
+    def reopen(step):
+        try:
+            with Store.open(data_dir, "n1") as store:
+                report[step] = ["opened", store.load() == state]
+        except StoreError as exc:
+            report[step] = [type(exc).__name__, exc.message, getattr(exc, "cause", "")]
+
+    with Store.open(data_dir, "n1") as store:
+        store.save(state)
+    try:
+        with open(disk / "filler", "wb") as filler:
+            while True:
+                filler.write(bytes(4096))
+                filler.flush()
+    except OSError:
+        pass  # full
+    reopen("full")
+    (disk / "filler").unlink()
+    reopen("freed")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    reopen("read_only")
+    print(json.dumps(report))
     """)
 
 
@@ -277,6 +320,62 @@ def test_bad_values_in_the_database_are_refused_on_load(data_dir: Path, column: 
         s.load()
 
 
+# ---------------------------------------------------------------------------- storage failures
+
+
+def test_a_save_that_finds_the_disk_full_is_a_storage_failure_and_changes_nothing(
+        tmp_path: Path) -> None:
+    disk_full = tmp_path / "disk-full"
+    with Store.open(tmp_path / "n1", "n1", fail_saves_while=disk_full) as s:
+        s.save(_state())
+        disk_full.touch()
+        with pytest.raises(StorageFailure) as failed:
+            s.save(_state(production=99.0))
+        assert failed.value.cause == "disk full" and failed.value.code == "storage_failing"
+        assert "free space" in failed.value.message and "aside" not in failed.value.message
+        assert s.load() == _state()
+        disk_full.unlink()
+        s.save(_state(production=99.0))  # the same store works again once the disk has room
+        assert s.load() == _state(production=99.0)
+
+
+def test_an_io_error_with_no_space_left_is_a_full_disk_not_corruption(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Store.open(data_dir, "n1") as s:
+        s.save(_state())
+    # What SQLite raises when the -shm file cannot grow: an I/O error, not SQLITE_FULL.
+    shm_error = sqlite3.OperationalError("disk I/O error")
+    shm_error.sqlite_errorcode = sqlite3.SQLITE_IOERR_SHMSIZE
+    shm_error.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"
+    real = os.statvfs(data_dir)
+    no_room = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0,
+                                 real.f_files, real.f_ffree, real.f_favail, real.f_flag,
+                                 real.f_namemax))
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: no_room)
+    failure = store_module._open_failure(data_dir, shm_error)
+    assert isinstance(failure, StorageFailure) and failure.cause == "disk full"
+    assert "do not move" in failure.message and "corrupt" not in failure.message
+    corrupt = sqlite3.DatabaseError("database disk image is malformed")
+    corrupt.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+    assert "unreadable or corrupt" in store_module._open_failure(data_dir, corrupt).message
+
+
+def test_on_a_real_full_or_read_only_disk_open_says_fix_the_storage_never_move_it(
+        small_disk: SmallDisk) -> None:
+    proc = small_disk.run("env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-c",
+                          FULL_DISK_SRC, str(small_disk.path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    kind, message, cause = report["full"]
+    assert (kind, cause) == ("StorageFailure", "disk full"), message
+    assert "free space" in message and "do not move" in message
+    assert "unreadable or corrupt" not in message
+    assert report["freed"] == ["opened", True], "the state was intact all along"
+    kind, message, cause = report["read_only"]
+    assert (kind, cause) == ("StorageFailure", "read-only filesystem"), message
+    assert "remount" in message and "aside" not in message
+
+
 # ---------------------------------------------------------------------------- crashes
 
 
@@ -376,3 +475,70 @@ def test_kill_9_while_creating_stores_leaves_every_dir_usable(tmp_path: Path) ->
                 assert loaded == expected_state(j + 1), f"store {j} was acknowledged, then lost"
             else:  # the one being created when the kill came: nothing, or all of it
                 assert loaded in (None, expected_state(j + 1))
+
+
+# ---------------------------------------------------------------------------- schema upgrades
+
+
+def _write_version_1_store(data_dir: Path, state: PersistedState) -> None:
+    """A data dir as zgrid wrote it before schema version 2 (no `unlinked` column)."""
+    data_dir.mkdir(parents=True)
+    db = sqlite3.connect(data_dir / DB_FILE_NAME, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)", (state.node_id,))
+        db.execute("CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 1),"
+                   " incarnation INTEGER NOT NULL, production REAL NOT NULL,"
+                   " consumption REAL NOT NULL, siblings TEXT NOT NULL)")
+        db.execute("INSERT INTO state VALUES (1, ?, ?, ?, ?)",
+                   (state.incarnation, state.production, state.consumption,
+                    json.dumps(list(state.siblings))))
+        db.execute(f"PRAGMA application_id = {store_module.APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 1")
+    finally:
+        db.close()
+
+
+def test_unlinked_siblings_round_trip(store: Store) -> None:
+    state = _state(unlinked=("n4@tcp://127.0.0.1:5004", "ipc:///tmp/n5"))
+    store.save(state)
+    assert store.load() == state
+
+
+def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_state(data_dir: Path) -> None:
+    old = _state()
+    _write_version_1_store(data_dir, old)
+    with Store.open(data_dir, "n1") as s:
+        assert s.load() == old  # nothing unlinked yet
+        s.save(_state(unlinked=("n4@tcp://127.0.0.1:5004",)))
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        db.close()
+    with Store.open(data_dir, "n1") as s:
+        loaded = s.load()
+    assert loaded is not None and loaded.unlinked == ("n4@tcp://127.0.0.1:5004",)
+
+
+def test_a_version_1_store_of_another_node_is_refused_and_not_upgraded(data_dir: Path) -> None:
+    _write_version_1_store(data_dir, _state(node_id="n9"))
+    with pytest.raises(StoreError, match="holds the state of node 'n9'"):
+        Store.open(data_dir, "n1")
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_bad_unlinked_values_in_the_database_are_refused_on_load(data_dir: Path) -> None:
+    with Store.open(data_dir, "n1") as s:
+        s.save(_state())
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    db.execute("UPDATE state SET unlinked = '[1]'")
+    db.commit()
+    db.close()
+    with Store.open(data_dir, "n1") as s, pytest.raises(StoreError, match="corrupt"):
+        s.load()

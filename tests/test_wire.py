@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from zgrid.errors import ProtocolError
 from zgrid.wire import (
+    MAX_IPC_PATH_BYTES,
     Advert,
     Adverts,
     Bye,
@@ -31,6 +33,7 @@ from zgrid.wire import (
     UnlinkRequest,
     ViewUpdate,
     WatchRequest,
+    check_endpoint,
     decode,
     encode,
 )
@@ -42,6 +45,7 @@ ADVERT = Advert("n1", 3, 17, 12.5, 0.25, ("n2", "n3"), "tcp://127.0.0.1:5001", 2
 EVERY_MESSAGE: list[Message] = [
     Hello("n1", 7, "tcp://127.0.0.1:5001", False, {"n1": (3, 17)}, "tcp://localhost:5002"),
     Hello("n2", 8, "tcp://[::1]:5002", True),
+    Hello("n3", 9, "tcp://127.0.0.1:5003", False, {}, "tcp://127.0.0.1:5001", 2**64 - 1, True),
     Adverts("n1", 7, (ADVERT, ADVERT)),
     DigestMsg("n1", 7, {"n1": (3, 17), "n9": (1, 0)}, True),
     Ping("n1", 7, 2**63 + 5),
@@ -56,6 +60,40 @@ EVERY_MESSAGE: list[Message] = [
 @pytest.mark.parametrize("msg", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
 def test_every_message_survives_an_encode_decode_round_trip(msg: Message) -> None:
     assert decode(encode(msg)) == msg
+
+
+def test_a_signed_advert_travels_with_its_signature_as_a_ninth_element() -> None:
+    signed = replace(ADVERT, signature=bytes(range(64)))
+    assert decode(encode(Adverts("n1", 7, (signed,)))).adverts == (signed,)
+    row = msgpack.unpackb(encode(Adverts("n1", 7, (signed,))))["adverts"][0]
+    assert len(row) == 9 and row[8] == signed.signature
+
+
+def _adverts_frame_with_signature(signature: Any) -> bytes:
+    row = [*msgpack.unpackb(encode(Adverts("n1", 7, (ADVERT,))))["adverts"][0], signature]
+    frame: bytes = msgpack.packb({"v": 1, "t": "adverts", "from": "n1", "n": 7,
+                                  "adverts": [row]})
+    return frame
+
+
+@pytest.mark.parametrize("signature", [bytes(63), bytes(65), "not bytes", 7])
+def test_a_signature_must_be_64_bytes_of_binary(signature: Any) -> None:
+    with pytest.raises(ProtocolError, match=r"signature must be binary|not valid msgpack"):
+        decode(_adverts_frame_with_signature(signature))
+
+
+def test_an_empty_signature_is_no_signature() -> None:
+    assert decode(_adverts_frame_with_signature(b"")).adverts == (ADVERT,)
+
+
+def test_what_is_signed_is_every_field_but_the_signature_in_a_fixed_encoding() -> None:
+    data = ADVERT.signed_bytes()
+    assert data.startswith(b"zgrid-advert-v1\x00")
+    assert msgpack.unpackb(data[len(b"zgrid-advert-v1\x00"):]) == [
+        "n1", 3, 17, 12.5, 0.25, ["n2", "n3"], "tcp://127.0.0.1:5001", 2**64 - 1]
+    assert replace(ADVERT, production=12).signed_bytes() == replace(
+        ADVERT, production=12.0).signed_bytes(), "power is always float64"
+    assert replace(ADVERT, signature=b"x" * 64).signed_bytes() == data
 
 
 def test_integer_power_is_accepted_and_becomes_a_float() -> None:
@@ -79,6 +117,32 @@ def test_malformed_endpoints_are_refused(endpoint: str) -> None:
         decode(msgpack.packb({"v": 1, "t": "link", "endpoint": endpoint}))
 
 
+def test_an_ipc_path_longer_than_a_unix_socket_path_is_not_an_endpoint() -> None:
+    longest = "ipc://" + "x" * MAX_IPC_PATH_BYTES
+    assert check_endpoint(longest) == longest
+    for too_long in ("ipc://" + "x" * (MAX_IPC_PATH_BYTES + 1), "ipc://" + "x" * 200,
+                     "ipc://" + "é" * 54):  # 108 bytes in UTF-8: the limit is in bytes
+        link = msgpack.packb({"v": 1, "t": "link", "endpoint": too_long})
+        with pytest.raises(ProtocolError, match="ipc path longer") as refused:
+            decode(link)
+        assert refused.value.code == "bad_value"  # a control request: answered with this
+        hello = msgpack.packb({"v": 1, "t": "hello", "from": "n2", "n": 1, "endpoint": too_long,
+                               "ack": False, "digest": {}})
+        with pytest.raises(ProtocolError) as dropped:
+            decode(hello)
+        assert dropped.value.message_type == "hello"  # a sibling's frame: dropped and counted
+
+
+def test_a_hello_without_token_or_linking_asks_for_no_proof_and_no_new_link() -> None:
+    frame = msgpack.packb({"v": 1, "t": "hello", "from": "n2", "n": 1, "ack": False,
+                           "endpoint": "tcp://127.0.0.1:5002", "digest": {}})
+    hello = decode(frame)
+    assert isinstance(hello, Hello) and (hello.token, hello.linking) == (0, False)
+    for bad in ({"token": -1}, {"token": "x"}, {"linking": 1}):
+        with pytest.raises(ProtocolError, match=r"token|linking"):
+            decode(msgpack.packb({**msgpack.unpackb(frame), **bad}))
+
+
 def test_a_frame_over_the_size_limit_is_refused_before_decoding() -> None:
     with pytest.raises(ProtocolError) as err:
         decode(b"\x00" * (4 * 1024 * 1024 + 1))
@@ -94,7 +158,7 @@ msgpack_values = st.recursive(
 )
 field_names = st.sampled_from(["v", "t", "from", "n", "adverts", "production", "consumption",
                                "endpoint", "sibling", "rid", "hash", "ack", "digest", "reply",
-                               "entries", "reason", "dialed"])
+                               "entries", "reason", "dialed", "token", "linking"])
 message_types = st.sampled_from(["hello", "adverts", "digest", "ping", "bye", "status", "set",
                                  "link", "unlink", "nodes", "watch", "reply", "view", "x"])
 # Maps that look like real messages, so the fuzzer gets past the first checks.

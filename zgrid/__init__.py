@@ -22,11 +22,12 @@ from zgrid.errors import (
     NoReply,
     ProtocolError,
     SecurityError,
+    StorageFailure,
     StoreError,
     ZgridError,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 if TYPE_CHECKING:
     from zgrid.client import Client
@@ -48,6 +49,7 @@ __all__ = [
     "Scenario",
     "SecurityError",
     "Simulator",
+    "StorageFailure",
     "StoreError",
     "ZgridError",
     "__version__",

@@ -5,6 +5,9 @@ Client, sim); no protocol logic lives here. Every failure a user can cause ends 
 message and a documented exit code, never a traceback:
 
     0 ok   1 the node refused the request   2 usage error / cannot start   3 no reply in time
+
+zgrid-node: 0 stopped by a signal, 1 its state cannot be saved (disk full, read-only, I/O
+error: the storage needs fixing), 2 usage error or cannot start.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import click
 
 from zgrid import __version__
 from zgrid.client import DEFAULT_TIMEOUT_S, Client
-from zgrid.errors import ControlError, NoReply, ZgridError
+from zgrid.errors import ControlError, NoReply, StorageFailure, ZgridError
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_REPLY = 3
+EXIT_STORAGE = 1  # zgrid-node: the state cannot be saved (the same code `Node.run` returns)
 LINK_WAIT_S = 3.0  # how long `zgrid-ctl link` waits to see the new link come up
 
 
@@ -68,11 +72,14 @@ def _fail(message: str, code: int) -> NoReturn:
               help="Testing only: drop this fraction of outgoing adverts messages.")
 @click.option("--crash-before-save", is_flag=True, hidden=True,
               help="Testing only: exit like kill -9 after flooding a change, before saving it.")
+@click.option("--fail-saves-while", type=click.Path(dir_okay=False, path_type=Path),
+              hidden=True, metavar="FILE",
+              help="Testing only: while FILE exists, every save fails as on a full disk.")
 def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[str, ...],
               production: float, consumption: float, data_dir: Path | None,
               ping_interval: float, dead_after: float, forget_after: float,
               keys_dir: Path | None, log_level: str, drop_rate: float,
-              crash_before_save: bool) -> None:
+              crash_before_save: bool, fail_saves_while: Path | None) -> None:
     """Run one zgrid node in the foreground until SIGINT or SIGTERM."""
     from zgrid.node import Node, NodeSettings
     from zgrid.wire import check_endpoint, check_node_id, check_power
@@ -99,9 +106,12 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         node_id=node_id, bind=bind, advertise=advertise, siblings=siblings,
         production=production, consumption=consumption, data_dir=data_dir,
         ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
-        keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save)
+        keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save,
+        fail_saves_while=fail_saves_while)
     try:
         node = Node(settings)
+    except StorageFailure as exc:
+        _fail(exc.message, EXIT_STORAGE)
     except ZgridError as exc:
         _fail(exc.message, EXIT_USAGE)
     sys.exit(node.run())
@@ -183,6 +193,8 @@ def status(ctl: _Ctl) -> None:
             click.echo(f"  {sib['id'] or '?':<12} {sib['endpoint']:<24} {sib['state']}{note}")
         if s["conflict"]:
             click.echo(f"CONFLICT: {s['conflict']}")
+        if s.get("storage", "ok") != "ok":  # an older node sends no "storage": it was fine
+            click.echo(f"STORAGE {s['storage']}")
 
     ctl.emit(s, human)
 
@@ -276,13 +288,17 @@ def watch(ctl: _Ctl) -> None:
 @ctl_main.command()
 @click.option("--dir", "directory", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="The keys directory.")
+@click.option("--operator", is_flag=True,
+              help="Mark NAME an operator: it may change (set, link, unlink) every node whose "
+                   "keys directory holds this .key.")
 @click.argument("name")
-def keygen(directory: Path, name: str) -> None:
-    """Write a CurveZMQ keypair: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)."""
+def keygen(directory: Path, name: str, operator: bool) -> None:
+    """Write NAME's keys: DIR/NAME.key (public: CURVE and signing keys, role) and
+    DIR/NAME.key_secret (0600)."""
     from zgrid.security import keygen as make_keys
 
     try:
-        public, secret = make_keys(directory, name)
+        public, secret = make_keys(directory, name, operator=operator)
     except ZgridError as exc:
         _fail(exc.message, EXIT_USAGE)
     click.echo(f"wrote {public} and {secret}")

@@ -14,12 +14,17 @@ one it came from. Outboxes are keyed by origin, so a burst of changes from one o
 to its newest version; `flush()` (called by the runtime once its mailbox is drained) sends one
 batched `adverts` message per sibling.
 
-Links: `link` makes us send HELLO; the receiver records us as a sibling, dials back, and
-answers with a HELLO ack. Each side marks the link UP when it hears the other's HELLO, then
-bumps its own advert (its `links` changed). A link is an edge of the grid only if *both*
-adverts list each other (the two-way check), so a node that died or unlinked disappears as
-soon as one side stops listing it. A node's *island* is everything reachable over such edges;
-its totals are exact (see table.py) and bit-identical on every member.
+Links: `link` makes us send HELLO; the receiver dials back and answers with a HELLO ack. A
+HELLO is a claim, not a proof: a request carries a token only the node at the dialed endpoint
+sees, and only an ack echoing it says who is there. So a stranger's request makes an
+*unproved* sibling (in memory only, for UNPROVED_SIBLING_TTL_S) that we ask back, and it is a
+sibling only once it answers from the endpoint it claimed; HELLOs to an unproved endpoint carry
+no digest, so a forged one cannot make us send our table anywhere. A link comes UP with a HELLO
+that carries a digest, and each side then bumps its own advert (its `links` changed). A link
+is an edge of the grid only if *both* adverts list each other (the two-way check), so a node
+that died or unlinked disappears as soon as one side stops listing it. A node's *island* is
+everything reachable over such edges; its totals are exact (see table.py) and bit-identical on
+every member.
 
 Every change of a link's state goes through `Core._transition` (the table `TRANSITIONS` says
 which are legal): it alone clears the sibling's outbox, resets its HELLO schedule, counts flaps
@@ -39,30 +44,40 @@ nonce; if the same foreign nonce then outbids us again, it is alive, and we repo
 instead of joining an endless bump war. A HELLO from an id that is alive elsewhere in our
 island (other nonce, other endpoint) is refused with BYE duplicate_id.
 
+What one peer may cost us (one frame must never take a node down): refusal BYEs are budgeted
+(`LinkGate`), a sibling gets and has answered at most one digest per ping interval, it may
+fill at most a share of the table with origins our island cannot reach, and an unlink is
+remembered (persisted) so that a stopped sibling coming back cannot undo it.
+
 Durability: a change is flooded before it is durable, and acknowledged only once it is
 (`Persist.new_incarnation` says when that order must not be relaxed). A node that crashes before
 the save restarts with the next incarnation, which outbids the unsaved version everywhere:
-docs/design.md gives the whole argument.
+docs/design.md gives the whole argument. A save that fails (disk full ...) is reported by the
+runtime (`save_failed`): the change is undone, a newer advert supersedes the flooded one, the
+client is refused, and saves are retried until one works (`save_succeeded`).
 
 Entry points: `handle` (everything that arrives: a decoded message or the error decoding it),
-`timer` (when `next_deadline` is due), `flush` (when the mailbox is drained), `start`, `stop`
-and `membership_changed`. This module must never import zmq, time, os or anything that does
-I/O: the runtime (node.py) and the simulator (zgrid/sim/) drive it and perform its effects.
+`timer` (when `next_deadline` is due), `flush` (when the mailbox is drained), `start`, `stop`,
+`membership_changed`, and `save_succeeded`/`save_failed` (the outcome of a Persist). This
+module must never import zmq, time, os or anything that does I/O: the runtime (node.py) and
+the simulator (zgrid/sim/) drive it and perform its effects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from zgrid.errors import ControlError, ProtocolError
 from zgrid.persisted import PersistedState
 from zgrid.table import AdvertTable, Merge
 from zgrid.wire import (
     MAX_ADVERTS_PER_MESSAGE,
+    MAX_COUNTER,
     MAX_LINKS_PER_ADVERT,
     PEER_TYPES,
     Advert,
@@ -93,7 +108,31 @@ REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become fre
 WATCH_LEASE_S = 5.0  # a watch client re-sends `watch` more often than this to stay subscribed
 BAD_FRAME_LOG_INTERVAL_S = 10.0  # at most one log line per interval about bad frames
 HASH_MISMATCHES_BEFORE_DIGEST = 2  # one mismatch is normal while a flood is in flight
+# A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
+# live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
+RIVAL_OUTBID_INTERVAL_S = 5.0
+MAX_RIVALS_REMEMBERED = 1024  # foreign nonces seen writing our id (oldest forgotten first)
+BAD_SIGNATURE_LOG_INTERVAL_S = 10.0
+# While saves fail, one is retried this often, so storage health and changes recover by
+# themselves once the disk has room again (a save costs one fsync: cheap at this rate).
+STORAGE_RETRY_S = 2.0
+STORAGE_LOG_INTERVAL_S = 30.0  # at most one log line per interval while saves keep failing
+STORAGE_FAILING = "storage_failing"  # the error code of a change refused because it cannot be saved
+# What one peer's frames may cost us (issue 8: one frame must never take a node down).
+MAX_REFUSALS_PER_WINDOW = 16  # refusal BYEs (each a one-shot send) per window; the rest dropped
+REFUSAL_WINDOW_S = 1.0
+REFUSAL_LOG_INTERVAL_S = 10.0  # at most one log line per interval about refused links
+# A sibling made by an inbound HELLO must prove, by answering our own HELLO, that it receives
+# at the endpoint it claims; until then it is kept in memory only, and only this long.
+UNPROVED_SIBLING_TTL_S = 5.0
+MAX_UNPROVED_SIBLINGS = 16  # besides the MAX_LINKS_PER_ADVERT siblings an operator may keep
+MAX_UNLINKED_REMEMBERED = 256  # unlinked nodes whose HELLOs we answer `bye unlinked` (oldest out)
+# One sibling may fill at most this share of the table with origins our island cannot reach
+# (a forged flood), so that real nodes always find room; counted again at most every interval.
+UNREACHABLE_SHARE_PER_SIBLING = 0.25
+INTRODUCED_RECOUNT_INTERVAL_S = 1.0
 _REVOKED = "revoked: its key is no longer in the keys directory"
+_UNPROVED = "asked to link; waiting for it to answer our HELLO from its endpoint"
 
 
 class LinkState(StrEnum):
@@ -123,6 +162,33 @@ class LogLevel(StrEnum):
 ClientId: TypeAlias = tuple[bytes, ...]  # the routing envelope a message arrived with, opaque
 
 
+class Seal(Protocol):
+    """Signs our own adverts and verifies everyone else's (zgrid/signing.py does it with
+    Ed25519). Pure computation: no I/O, so the core may call it."""
+
+    def sign(self, advert: Advert) -> Advert:
+        """`advert` with our signature."""
+        ...
+
+    def verify(self, advert: Advert) -> bool:
+        """Whether `advert` carries a valid signature by the member named as its origin."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """With keys: who is in the grid, who may change this node, and how adverts are sealed.
+
+    members: the ids allowed in the grid. operators: members who may change *this* node
+    (`set`, `link`, `unlink`), besides the node's own key. seal: None means adverts are not
+    signed (a grid of CURVE links only; tests of the core).
+    """
+
+    members: frozenset[str]
+    operators: frozenset[str] = frozenset()
+    seal: Seal | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     node_id: str
@@ -134,6 +200,9 @@ class Config:
     max_nodes: int = 40_000
     track_view: bool = True  # compute the view after every flush (False: only when read)
     require_sibling_ids: bool = False  # with CurveZMQ: a sibling's key is found by its id
+    # Random per process and never sent: keys the challenge (token) of our HELLOs, so nobody
+    # can answer one without receiving it. 0: derived from the nonce (simulations, tests).
+    secret: int = 0
 
 
 # ------------------------------------------------------------------------------------ effects
@@ -170,11 +239,14 @@ class Disconnect:
 @dataclass(frozen=True, slots=True)
 class Respond:
     """Answer a control client. `with_runtime_counters`: a status reply, to which the runtime
-    adds the counters only it can keep (messages and bytes sent, sends dropped)."""
+    adds the counters only it can keep (messages and bytes sent, sends dropped).
+    `acknowledges`: the reply confirms a change made durable by the `Persist` before it; if
+    that save fails, the runtime sends `Core.refuse_unsaved(reply)` instead."""
 
     client: ClientId
     reply: Reply
     with_runtime_counters: bool = False
+    acknowledges: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +264,10 @@ class Persist:
     new_incarnation: `state` starts a new incarnation, so it must be durable before anything
     at all is sent: after a crash, the next life must come back with a higher one. Otherwise
     the runtime may send (flood) first and save afterwards, before it acknowledges.
+
+    The runtime reports every outcome: `Core.save_succeeded`, or `Core.save_failed`, which
+    undoes what was not saved. A new incarnation that cannot be saved cannot be undone (our
+    old one is outbid) nor sent: then the runtime stops, sending nothing but goodbyes.
     """
 
     state: PersistedState
@@ -225,6 +301,22 @@ class Sibling:
     error: str = ""
     hash_mismatches: int = 0
     outbox: dict[str, Advert] = field(default_factory=dict)  # origin -> newest advert to send
+    # The endpoint it advertises, once an ack to our HELLO proved that it receives there (it may
+    # differ from the one we dialed, e.g. localhost for 127.0.0.1). A HELLO of its id naming
+    # any endpoint but these two is not from it.
+    peer_endpoint: str = ""
+    # Made by an inbound HELLO and not yet proved (see UNPROVED_SIBLING_TTL_S): since when.
+    unproved_since: float | None = None
+    # Our HELLOs say the operator asked for this link (until it is UP), which undoes an unlink
+    # the other side remembers; for an unproved sibling: its HELLO said so.
+    linking: bool = False
+    # (dialed, token) of a request of its that we answered without our digest (we had not
+    # proved it yet): once the link is UP we answer it again, with the digest.
+    owed_answer: tuple[str, int] | None = None
+    introduced: set[str] = field(default_factory=set)  # new origins it gave us, maybe unreachable
+    introduced_counted_at: float = -math.inf
+    digest_sent_at: float = -math.inf  # at most one digest each way per ping interval
+    digest_handled_at: float = -math.inf
 
     @property
     def address(self) -> str:
@@ -244,6 +336,78 @@ class Sibling:
                 "state": str(self.state), "error": self.error}
 
 
+class LinkGate:
+    """Who may ask us for a link, and what refusing costs (issue 8). Pure bookkeeping.
+
+    Unlinked: nodes the operator unlinked (by id once known, else by endpoint), oldest first,
+    at most MAX_UNLINKED_REMEMBERED. Their HELLOs are answered `bye unlinked` until a link
+    request of either operator links them again, so an unlink of a stopped node sticks.
+    Refusals: at most MAX_REFUSALS_PER_WINDOW refusal BYEs per REFUSAL_WINDOW_S, one per
+    endpoint: each costs the runtime a socket, and a flood of HELLOs must not cost one each.
+    """
+
+    def __init__(self, unlinked: Iterable[str] = ()) -> None:
+        self._unlinked: dict[str, tuple[str | None, str]] = {}  # address -> (id, endpoint)
+        self._ids: set[str] = set()
+        self._endpoints: set[str] = set()  # of entries without an id
+        for address in unlinked:
+            try:
+                node_id, endpoint = parse_sibling_address(address)
+            except ProtocolError:  # saved by an older version that accepted it: skip it
+                continue
+            self.remember(node_id, endpoint)
+        self._window_start = -math.inf
+        self._window_endpoints: set[str] = set()
+        self._last_log = -math.inf
+        self.unlogged = 0  # refusals (sent or dropped) since the last log line
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(self._unlinked)
+
+    def remember(self, node_id: str | None, endpoint: str) -> None:
+        self.forget(node_id, endpoint)
+        address = f"{node_id}@{endpoint}" if node_id else endpoint
+        self._unlinked[address] = (node_id, endpoint)
+        while len(self._unlinked) > MAX_UNLINKED_REMEMBERED:
+            del self._unlinked[next(iter(self._unlinked))]
+        self._reindex()
+
+    def forget(self, node_id: str | None, endpoint: str) -> bool:
+        """Forget every entry of this id or this endpoint; whether there was one."""
+        gone = [a for a, (i, e) in self._unlinked.items()
+                if e == endpoint or (node_id is not None and i == node_id)]
+        for address in gone:
+            del self._unlinked[address]
+        if gone:
+            self._reindex()
+        return bool(gone)
+
+    def is_unlinked(self, node_id: str, endpoint: str) -> bool:
+        return node_id in self._ids or endpoint in self._endpoints
+
+    def may_refuse(self, endpoint: str, now: float) -> bool:
+        self.unlogged += 1
+        if now - self._window_start >= REFUSAL_WINDOW_S:
+            self._window_start = now
+            self._window_endpoints.clear()
+        if (endpoint in self._window_endpoints
+                or len(self._window_endpoints) >= MAX_REFUSALS_PER_WINDOW):
+            return False
+        self._window_endpoints.add(endpoint)
+        return True
+
+    def may_log(self, now: float) -> bool:
+        if now - self._last_log < REFUSAL_LOG_INTERVAL_S:
+            return False
+        self._last_log = now
+        return True
+
+    def _reindex(self) -> None:
+        self._ids = {i for i, _ in self._unlinked.values() if i is not None}
+        self._endpoints = {e for i, e in self._unlinked.values() if i is None}
+
+
 def _same(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
@@ -256,23 +420,28 @@ def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]
 _CONTROL_REQUESTS = (StatusRequest, SetRequest, LinkRequest, UnlinkRequest, NodesRequest,
                      WatchRequest)
 _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
+_CHANGING_REQUESTS = (SetRequest, LinkRequest, UnlinkRequest)
 
 
 class Core:
     """One node's protocol state. Not thread-safe by design: it is an actor's private state.
 
-    members: with keys, the ids allowed in the grid (None: an open grid, nobody is checked).
+    trust: with keys, who is in the grid and may change us, and the seal of adverts (None: an
+    open grid, nobody is checked and nothing is signed).
     """
 
     def __init__(self, config: Config, restored: PersistedState | None = None,
-                 members: Iterable[str] | None = None) -> None:
+                 trust: Trust | None = None) -> None:
         self.config = config
         self.id = config.node_id
-        self.incarnation = restored.incarnation + 1 if restored else 1
+        # At MAX_COUNTER (only a forgery in an unsigned grid gets a node there) a restart stays
+        # on it: its past life's adverts then look newer, and are outbid by seq like any rival.
+        self.incarnation = min(restored.incarnation + 1, MAX_COUNTER) if restored else 1
         self.seq = 0
         self.production = restored.production if restored else 0.0
         self.consumption = restored.consumption if restored else 0.0
-        self.members = None if members is None else frozenset(members)
+        self.trust = trust
+        self._seal = None if trust is None else trust.seal
         self.siblings: dict[str, Sibling] = {}  # by endpoint
         self._by_id: dict[str, Sibling] = {}
         for address in restored.siblings if restored else ():
@@ -281,21 +450,42 @@ class Core:
         self.table = AdvertTable(self.id, config.max_nodes)
         self.counters: dict[str, int] = {
             "messages_received": 0, "bad_frames": 0, "ignored": 0, "adverts_received": 0,
-            "adverts_accepted": 0, "link_flaps": 0, "digests_sent": 0,
+            "adverts_accepted": 0, "link_flaps": 0, "digests_sent": 0, "bad_signatures": 0,
+            "outbids": 0,
         }
         self.conflict = ""
-        self._foreign_nonces: dict[int, tuple[int, int]] = {}
+        # Nonces seen writing our id (foreign, or ours in a forgery) -> when we last outbid one.
+        self._rivals: dict[int, float] = {}
+        self._rival: Advert | None = None  # the newest advert of our id not yet outbid
+        self._next_outbid = math.inf
+        self._durable_incarnation = self.incarnation  # last handed to Persist(new_incarnation)
+        self._last_bad_signature_log = -math.inf
+        self._bad_signatures_logged = 0
         self._watchers: dict[ClientId, float] = {}
         self._published: tuple[int, int, frozenset[str]] | None = None
         self._next_ping = 0.0
         self._next_forget_check = config.forget_after_s / 10
         self._last_bad_log = -math.inf
         self._bad_since_log = 0
+        # Issue 8 (one frame must never take a node down): sticky unlinks, refusal budget.
+        self._gate = LinkGate(restored.unlinked if restored else ())
+        self.counters.update(refusals_dropped=0, digests_limited=0, origins_refused=0)
+        # Durability, as the runtime reports it. `_durable` starts as what `start` persists:
+        # if that save fails the node never runs, so it is durable before any save can fail.
+        self._durable = self.persisted_state()
+        # Siblings a control request changed since the last durable save: endpoint -> the
+        # sibling as the durable state has it (None: not a sibling), for `save_failed`.
+        self._unsaved_siblings: dict[str, Sibling | None] = {}
+        self.storage_error = ""  # why the last save failed; "" once one works again
+        self._next_storage_retry = math.inf
+        self._last_storage_log = -math.inf
+        self._storage_failures_unlogged = 0
         self._bump()
 
     @classmethod
     def converged(cls, config: Config, table: AdvertTable,
-                  siblings: Iterable[tuple[str, str, int]], now: float) -> Core:
+                  siblings: Iterable[tuple[str, str, int]], now: float,
+                  trust: Trust | None = None) -> Core:
         """A core as a cold start leaves it once its grid agrees, for simulators at scale.
 
         `table` holds the current advert of every member of our island, our own included (its
@@ -305,20 +495,23 @@ class Core:
         own = table.get(config.node_id)
         if own is None:
             raise ValueError(f"the table holds no advert of {config.node_id}")
-        core = cls(config)
+        core = cls(config, trust=trust)
         core.table = table
         core.incarnation, core.seq = own.incarnation, own.seq
+        core._durable_incarnation = own.incarnation
         core.production, core.consumption = own.production, own.consumption
         for peer_id, endpoint, nonce in siblings:
             sib = core.siblings[endpoint] = Sibling(endpoint, peer_id, peer_id, nonce,
                                                     LinkState.UP, last_heard=now)
             core._by_id[peer_id] = sib
+        core._durable = core.persisted_state()
         return core
 
     # ------------------------------------------------------------------------ lifecycle
 
     def start(self, now: float) -> list[Effect]:
         """First effects of a process: persist the new incarnation, dial every known sibling."""
+        self._durable_incarnation = self.incarnation
         out: list[Effect] = [Persist(self.persisted_state(), new_incarnation=True)]
         for sib in self.siblings.values():
             out.append(Connect(sib.endpoint, sib.expected_id))
@@ -337,16 +530,26 @@ class Core:
         return out
 
     def persisted_state(self) -> PersistedState:
+        # An unproved sibling is a stranger's claim: kept in memory, for a while, and no more.
         return PersistedState(self.id, self.incarnation, self.production, self.consumption,
-                              tuple(sib.address for sib in self.siblings.values()))
+                              tuple(sib.address for sib in self.siblings.values()
+                                    if sib.unproved_since is None), self._gate.addresses)
 
-    def membership_changed(self, members: Iterable[str], now: float) -> list[Effect]:
-        """The keys directory was reloaded: drop links to members whose keys are gone, dial
-        again those whose keys came back."""
-        self.members = frozenset(members)
+    def membership_changed(self, trust: Trust, now: float) -> list[Effect]:
+        """The keys directory was reloaded: drop links to members whose keys are gone (and
+        their adverts: they leave every island), dial again those whose keys came back."""
+        self.trust, self._seal = trust, trust.seal
+        members = trust.members
         out: list[Effect] = []
+        gone = [origin for origin in self.table.by_origin
+                if origin not in members and origin != self.id]
+        for origin in gone:
+            self.table.discard(origin)
+        if gone:
+            out.append(Log(LogLevel.WARNING, f"dropped the adverts of {len(gone)} revoked "
+                           f"member(s): {', '.join(sorted(gone)[:10])}"))
         for sib in self.siblings.values():
-            allowed = sib.name in self.members
+            allowed = sib.name in members
             if not allowed and sib.error != _REVOKED:
                 self._transition(sib, LinkState.REFUSED, now, _REVOKED, retry_at=math.inf)
                 out += [Disconnect(sib.endpoint),
@@ -355,6 +558,86 @@ class Core:
                 self._transition(sib, LinkState.DOWN, now, retry_at=now)
                 out.append(Connect(sib.endpoint, sib.id or sib.expected_id))
         return out
+
+    # ------------------------------------------------------------------------ durability
+
+    def save_succeeded(self, state: PersistedState, now: float) -> list[Effect]:
+        """The runtime made `state` (its newest Persist) durable."""
+        self._durable = state
+        self._unsaved_siblings.clear()
+        if not self.storage_error:
+            return []
+        why, self.storage_error = self.storage_error, ""
+        self._next_storage_retry = math.inf
+        self._storage_failures_unlogged = 0
+        return [Log(LogLevel.INFO, f"saving works again (it failed: {why}); changes are "
+                    "accepted")]
+
+    def save_failed(self, state: PersistedState, why: str, now: float) -> list[Effect]:
+        """The runtime could not make `state` durable (disk full, read-only, I/O error): go
+        back to the last durable state, so that nothing a client was refused stays in force.
+
+        Production and consumption return to their saved values, with a new version of our
+        advert if they differ: the runtime flooded the unsaved one already, and the newer one
+        supersedes it everywhere. Links and unlinks are undone. What no client asked for (a
+        sibling's id learned, a sibling that linked or unlinked us) stays in memory: it is
+        saved with the next save that works. Saves are retried every STORAGE_RETRY_S.
+        Never for a new incarnation: that failure stops the node (see `Persist`).
+        """
+        out: list[Effect] = []
+        for endpoint, before in self._unsaved_siblings.items():
+            current = self.siblings.get(endpoint)
+            if before is None and current is not None:  # a link that was not saved
+                if current.up:
+                    out.append(Send(endpoint, self._bye(ByeReason.UNLINKED)))
+                self._remove(current)
+                out.append(Disconnect(endpoint))
+            elif before is not None and current is None and (
+                    len(self.siblings) < MAX_LINKS_PER_ADVERT):
+                # An unlink that was not saved: the sibling has dropped us already, so link
+                # again; it takes our HELLO as a new link.
+                name = before.id or before.expected_id
+                self.siblings[endpoint] = Sibling(endpoint, name, next_hello=now)
+                out.append(Connect(endpoint, name))
+        self._unsaved_siblings.clear()
+        durable = self._durable
+        if (self.production, self.consumption) != (durable.production, durable.consumption):
+            self.production, self.consumption = durable.production, durable.consumption
+            self._bump()
+        changed = why != self.storage_error
+        self.storage_error = why
+        self._next_storage_retry = now + STORAGE_RETRY_S
+        self._storage_failures_unlogged += 1
+        if changed or now - self._last_storage_log >= STORAGE_LOG_INTERVAL_S:
+            count, self._storage_failures_unlogged = self._storage_failures_unlogged, 0
+            self._last_storage_log = now
+            out.append(Log(LogLevel.ERROR, f"cannot save this node's state ({count} failed "
+                           f"save(s) since the last report): {why}; serving the last saved "
+                           f"state and refusing changes, retrying every {STORAGE_RETRY_S:g}s"))
+        return out
+
+    def refuse_unsaved(self, reply: Reply, stopping_because: str = "") -> Reply:
+        """The error that replaces `reply`, which acknowledged a change that `save_failed`
+        undid (or that a node stopping because `stopping_because` never saved): the client
+        learns that nothing changed, and why."""
+        if stopping_because:
+            return Reply(reply.rid, False, code=STORAGE_FAILING, message=(
+                f"{self.id} did not make this change: it is stopping because it cannot save "
+                f"its state ({stopping_because})"))
+        return Reply(reply.rid, False, code=STORAGE_FAILING, message=(
+            f"{self.id} did not make this change: it cannot save its state "
+            f"({self.storage_error or 'the save failed'}). It keeps running on its last saved "
+            "state and accepts changes again once a save works"))
+
+    def _check_storage(self, what: str) -> None:
+        # A link or an unlink undone by `save_failed` disturbs the sibling (an unlink is undone
+        # by linking again), so neither is tried while saves are known to fail. A `set` is:
+        # undoing it costs one advert, and it succeeds as soon as the disk has room again.
+        if self.storage_error:
+            raise ControlError(
+                f"{self.id} cannot {what} now: it cannot save its state ({self.storage_error});"
+                f" it retries every {STORAGE_RETRY_S:g}s: try again once `zgrid-ctl status` "
+                "shows storage ok", STORAGE_FAILING)
 
     # ------------------------------------------------------------------------ inbound
 
@@ -368,8 +651,9 @@ class Core:
         """
         from_peer = isinstance(message, _PEER_MESSAGES) or (
             isinstance(message, ProtocolError) and message.message_type in PEER_TYPES)
-        if self.members is not None and (
-                authenticated_as is None or authenticated_as not in self.members):
+        trust = self.trust
+        if trust is not None and (
+                authenticated_as is None or authenticated_as not in trust.members):
             # A connection authenticated before its key was removed: serve it nothing more.
             who = authenticated_as or "this client"
             error = ProtocolError(f"{who} is not a member of the grid (its key was revoked)",
@@ -380,7 +664,7 @@ class Core:
         if isinstance(message, _PEER_MESSAGES):
             return self._receive(message, now, authenticated_as)
         if isinstance(message, _CONTROL_REQUESTS):
-            return self._request(sender, message, now)
+            return self._request(sender, message, now, authenticated_as)
         error = ProtocolError(f"a node does not accept {type(message).__name__} messages",
                               "unknown_type")
         return self._bad_frame(sender, error, False, now)
@@ -419,10 +703,10 @@ class Core:
             return []
         sib.last_heard = now
         if kind is Adverts:
-            return self._on_adverts(msg, sib)  # type: ignore[arg-type]
+            return self._on_adverts(msg, sib, now)  # type: ignore[arg-type]
         if kind is Ping:
-            return self._on_ping(msg, sib)  # type: ignore[arg-type]
-        return self._on_digest(msg.entries, msg.reply, sib)  # type: ignore[union-attr]
+            return self._on_ping(msg, sib, now)  # type: ignore[arg-type]
+        return self._on_digest_msg(msg, sib, now)  # type: ignore[arg-type]
 
     def _on_hello(self, msg: Hello, now: float) -> list[Effect]:
         if msg.sender == self.id:
@@ -434,29 +718,120 @@ class Core:
                     self._remove(dialed)
                     out += [Disconnect(msg.dialed), Persist(self.persisted_state())]
                 return out
-            return self._refuse_duplicate(msg, f"this node ({self.id}) is alive")
+            return self._refuse_duplicate(msg, f"this node ({self.id}) is alive", now)
         known = self.table.get(msg.sender)
+        if known is not None and known.nonce == msg.nonce and known.endpoint != msg.endpoint:
+            # One process advertises one endpoint: this HELLO borrows a node's nonce (read off
+            # its advert) to claim another endpoint for it.
+            self.counters["ignored"] += 1
+            return []
         if (known is not None and known.nonce != msg.nonce and known.endpoint != msg.endpoint
                 and msg.sender in self.table.island(now)):
-            return self._refuse_duplicate(msg, f"{msg.sender} is alive at {known.endpoint}")
-
-        out = []
-        sib = self._by_id.get(msg.sender)
-        if sib is None and msg.ack and msg.dialed:
-            sib = self.siblings.get(msg.dialed)
+            return self._refuse_duplicate(msg, f"{msg.sender} is alive at {known.endpoint}", now)
+        if msg.ack:
+            return self._on_hello_ack(msg, now)
+        sib = self._by_id.get(msg.sender) or self._dialed_as(msg.sender)
         if sib is None:
             sib = self.siblings.get(msg.endpoint)
+        elif msg.endpoint not in (sib.endpoint, sib.peer_endpoint):
+            # A sibling stays bound to the endpoint we dialed or the one it proved: a HELLO of
+            # its id from anywhere else is someone else's claim (a node that really moved is
+            # unlinked and linked again by its operator).
+            self.counters["ignored"] += 1
+            return []
         if sib is None:
-            if len(self.siblings) >= MAX_LINKS_PER_ADVERT:
-                return self._refuse(msg, f"{self.id} already has {MAX_LINKS_PER_ADVERT} siblings")
-            sib = self.siblings[msg.endpoint] = Sibling(msg.endpoint, None)
-            out.append(Connect(msg.endpoint, msg.sender))
-            out.append(Log(LogLevel.INFO, f"{msg.sender} ({msg.endpoint}) asked to link"))
-        if sib.expected_id is not None and sib.expected_id != msg.sender:
-            why = f"expected node {sib.expected_id} at {sib.endpoint}, found {msg.sender}"
-            self._transition(sib, LinkState.REFUSED, now, why)
-            return [*out, Log(LogLevel.ERROR, why)]
+            return self._on_hello_from_stranger(msg, now)
+        known_as = sib.id or sib.expected_id
+        if known_as is not None and known_as != msg.sender and sib.unproved_since is None:
+            self.counters["ignored"] += 1  # only an ack (a proof) may say another node is there
+            return []
+        if sib.unproved_since is not None or known_as is None or not msg.digest:
+            # Not UP yet. Who is at sib.endpoint is learned only from the ack to our own HELLO
+            # (it carries our token back), and a requester that sends no digest has not proved
+            # us yet: answering lets it, and the link comes UP with the HELLO that follows.
+            return [self._answer(msg, sib)]
+        return self._heard_hello(msg, sib, now, proved=False)
 
+    def _answer(self, msg: Hello, sib: Sibling) -> Send:
+        """The ack to a request: its dialed and token echoed, and our digest if the endpoint
+        it goes to is proved (else none, and we owe it one, sent once the link is UP)."""
+        proved = sib.unproved_since is None
+        if not proved:
+            sib.owed_answer = (msg.dialed, msg.token)
+        return Send(sib.endpoint, self._hello(True, msg.dialed, msg.token, proved=proved))
+
+    def _on_hello_ack(self, msg: Hello, now: float) -> list[Effect]:
+        """The answer to a HELLO of ours: the endpoint we dialed, echoed with our token."""
+        sib = self.siblings.get(msg.dialed) if msg.dialed else None
+        if sib is None or msg.token != self._token(sib.endpoint):
+            # Not an answer to a HELLO of ours (a past life's, one to a sibling since removed)
+            # or a forgery: only a node receiving at the endpoint we dialed saw the token.
+            self.counters["ignored"] += 1
+            return []
+        expected = sib.expected_id or sib.id
+        if expected is not None and expected != msg.sender:
+            why = f"expected node {expected} at {sib.endpoint}, found {msg.sender}"
+            if sib.unproved_since is not None:  # it asked to link under a name not its own
+                self._remove(sib)
+                return [Disconnect(sib.endpoint), Log(LogLevel.WARNING, f"not linked: {why}")]
+            self._transition(sib, LinkState.REFUSED, now, why)
+            return [Log(LogLevel.ERROR, why)]
+        proved = sib.unproved_since is not None
+        if proved:
+            refusal = self._admit(msg, sib, now)
+            if refusal is not None:
+                return refusal
+        sib.peer_endpoint = msg.endpoint
+        if msg.digest:
+            return self._heard_hello(msg, sib, now, proved)
+        # It answered from the endpoint we dialed but has not proved ours yet (no digest): we
+        # know who is there, and the link comes UP with its next HELLO, which tells us more.
+        if sib.id is None:
+            sib.id = msg.sender
+            self._by_id[msg.sender] = sib
+            proved = True
+        return [Persist(self.persisted_state())] if proved else []
+
+    def _admit(self, msg: Hello, sib: Sibling, now: float) -> list[Effect] | None:
+        """A sibling made by an inbound HELLO proved its endpoint: None if it may stay (it is
+        persisted from now on), else what to do instead."""
+        other = self._by_id.get(msg.sender)
+        if other is not None and other is not sib:  # another route to a sibling we have
+            self._remove(sib)
+            return [Disconnect(sib.endpoint)]
+        if not sib.linking and self._gate.is_unlinked(msg.sender, sib.endpoint):
+            self._remove(sib)
+            return [Disconnect(sib.endpoint), *self._refuse_unlinked(msg, now)]
+        if self._count_siblings(proved=True) >= MAX_LINKS_PER_ADVERT:
+            self._remove(sib)
+            return [Disconnect(sib.endpoint), *self._refuse(
+                msg, f"{self.id} already has {MAX_LINKS_PER_ADVERT} siblings", now)]
+        sib.unproved_since = None
+        return None
+
+    def _on_hello_from_stranger(self, msg: Hello, now: float) -> list[Effect]:
+        """A link request from a node that is not our sibling: a new sibling, unproved."""
+        if not msg.linking and self._gate.is_unlinked(msg.sender, msg.endpoint):
+            return self._refuse_unlinked(msg, now)
+        if self._count_siblings(proved=True) >= MAX_LINKS_PER_ADVERT:
+            return self._refuse(msg, f"{self.id} already has {MAX_LINKS_PER_ADVERT} siblings",
+                                now)
+        if self._count_siblings(proved=False) >= MAX_UNPROVED_SIBLINGS:
+            self.counters["ignored"] += 1  # it asks again; room comes within the TTL
+            return []
+        sib = self.siblings[msg.endpoint] = Sibling(
+            msg.endpoint, msg.sender, next_hello=now, error=_UNPROVED, unproved_since=now,
+            linking=msg.linking)
+        out: list[Effect] = [
+            Connect(msg.endpoint, msg.sender),
+            Log(LogLevel.INFO, f"{msg.sender} ({msg.endpoint}) asked to link"),
+            self._answer(msg, sib)]
+        out.extend(self._send_hellos(now))  # ours, which only the node at msg.endpoint can answer
+        return out
+
+    def _heard_hello(self, msg: Hello, sib: Sibling, now: float, proved: bool) -> list[Effect]:
+        """A HELLO that shows the sibling alive and who it is: the link is UP."""
+        out: list[Effect] = []
         id_learned = sib.id is None
         restarted = sib.nonce is not None and sib.nonce != msg.nonce
         was_up = sib.up
@@ -464,15 +839,21 @@ class Core:
             sib.id = msg.sender
             self._by_id[msg.sender] = sib
         sib.nonce = msg.nonce
+        sib.linking = False
         if restarted:
             sib.outbox.clear()  # queued for its past life; the digest says what it lacks now
         self._transition(sib, LinkState.UP, now)
+        forgotten = self._gate.forget(msg.sender, sib.endpoint)  # linked again: no longer unlinked
         if self.conflict and msg.ack:
             self.conflict = ""
-        if not msg.ack:
-            out.append(Send(sib.endpoint, self._hello(ack=True, dialed=msg.dialed)))
+        # Answer its request with our digest: this one, or the one we answered without it
+        # (an ack is never answered, so each side queues by the other's digest exactly once).
+        answer = (msg.dialed, msg.token) if not msg.ack else sib.owed_answer
+        sib.owed_answer = None
+        if answer is not None:
+            out.append(Send(sib.endpoint, self._hello(True, *answer)))
         out.extend(self._on_digest(msg.digest, False, sib))
-        if id_learned:
+        if id_learned or proved or forgotten:
             out.append(Persist(self.persisted_state()))
         if not was_up:
             out.append(Log(LogLevel.INFO, f"link to {sib.id} is up"))
@@ -480,21 +861,51 @@ class Core:
             out.append(Log(LogLevel.INFO, f"{sib.id} restarted"))
         return out
 
-    def _refuse_duplicate(self, msg: Hello, why: str) -> list[Effect]:
-        return self._refuse(msg, f"duplicate node id {msg.sender!r}: {why}",
+    def _dialed_as(self, node_id: str) -> Sibling | None:
+        """A sibling we dialed as ID@ENDPOINT that has not confirmed its id in this life."""
+        for sib in self.siblings.values():
+            if sib.id is None and sib.expected_id == node_id and sib.unproved_since is None:
+                return sib
+        return None
+
+    def _count_siblings(self, proved: bool) -> int:
+        return sum(1 for sib in self.siblings.values()
+                   if (sib.unproved_since is None) is proved)
+
+    def _refuse_duplicate(self, msg: Hello, why: str, now: float) -> list[Effect]:
+        return self._refuse(msg, f"duplicate node id {msg.sender!r}: {why}", now,
                             ByeReason.DUPLICATE_ID)
 
-    def _refuse(self, msg: Hello, why: str, reason: ByeReason = ByeReason.REFUSED
+    def _refuse_unlinked(self, msg: Hello, now: float) -> list[Effect]:
+        return self._refuse(msg, f"{self.id} was unlinked from {msg.sender} by its operator; "
+                            f"a `link` on either node links them again", now,
+                            ByeReason.UNLINKED)
+
+    def _refuse(self, msg: Hello, why: str, now: float, reason: ByeReason = ByeReason.REFUSED
                 ) -> list[Effect]:
+        """A refusal BYE, within the gate's budget (the rest are dropped and counted), and a
+        log line at most every REFUSAL_LOG_INTERVAL_S."""
         self.counters["ignored"] += 1
-        bye = Bye(self.id, self.config.nonce, reason, dialed=msg.dialed, detail=why)
-        return [Log(LogLevel.ERROR, f"refused link from {msg.endpoint}: {why}"),
-                SendOnce(msg.endpoint, msg.sender, bye)]
+        out: list[Effect] = []
+        gate = self._gate
+        if gate.may_refuse(msg.endpoint, now):
+            bye = Bye(self.id, self.config.nonce, reason, dialed=msg.dialed, detail=why)
+            out.append(SendOnce(msg.endpoint, msg.sender, bye))
+        else:
+            self.counters["refusals_dropped"] += 1
+        if gate.may_log(now):
+            count, gate.unlogged = gate.unlogged, 0
+            more = f" ({count - 1} other refusal(s) since the last report)" if count > 1 else ""
+            out.insert(0, Log(LogLevel.ERROR, f"refused link from {msg.endpoint}: {why}{more}"))
+        return out
 
     def _on_bye(self, msg: Bye, sib: Sibling | None, now: float) -> list[Effect]:
         if sib is None and msg.dialed:
             sib = self.siblings.get(msg.dialed)
-        if sib is None or (sib.nonce is not None and sib.nonce != msg.nonce):
+        # A BYE naming the endpoint we knock at answers our HELLO: whoever is there now said
+        # it, so the nonce of a past life we remember does not make it stale.
+        answers_us = sib is not None and not sib.up and msg.dialed == sib.endpoint
+        if sib is None or (sib.nonce is not None and sib.nonce != msg.nonce and not answers_us):
             self.counters["ignored"] += 1
             return []
         match msg.reason:
@@ -514,25 +925,83 @@ class Core:
                 self._transition(sib, LinkState.DOWN, now)
                 return [Log(LogLevel.INFO, f"{sib.name} said goodbye; link down")]
 
-    def _on_adverts(self, msg: Adverts, sib: Sibling) -> list[Effect]:
-        incarnation = self.incarnation
+    def _on_adverts(self, msg: Adverts, sib: Sibling, now: float) -> list[Effect]:
+        bad_signatures = self.counters["bad_signatures"]
+        table = self.table
         for advert in msg.adverts:
-            self._learn(advert, sib)
-        if self.incarnation != incarnation:  # we outbid a past life: never reuse it
-            return [Persist(self.persisted_state(), new_incarnation=True)]
-        return []
+            new_origin = advert.origin not in table and advert.origin != sib.id
+            if new_origin and not self._may_introduce(sib, now):
+                continue
+            self._learn(advert, sib, now)
+            if new_origin and advert.origin in table:
+                sib.introduced.add(advert.origin)
+        out = self._save_incarnation()
+        if self.counters["bad_signatures"] != bad_signatures:
+            out.extend(self._log_bad_signatures(msg.sender, now))
+        return out
 
-    def _on_ping(self, msg: Ping, sib: Sibling) -> list[Effect]:
+    def _may_introduce(self, sib: Sibling, now: float) -> bool:
+        """Whether `sib` may give us one more origin we have never heard of. Each sibling may
+        hold at most UNREACHABLE_SHARE_PER_SIBLING of the table in origins that our island
+        cannot reach, so one peer's inventions cannot fill it; those that became reachable (or
+        left the table) are recounted at most every INTRODUCED_RECOUNT_INTERVAL_S. The origins
+        refused come back through anti-entropy once there is room."""
+        cap = max(1, int(self.config.max_nodes * UNREACHABLE_SHARE_PER_SIBLING))
+        if len(sib.introduced) < cap:
+            return True
+        if now - sib.introduced_counted_at >= INTRODUCED_RECOUNT_INTERVAL_S:
+            sib.introduced_counted_at = now
+            table, island = self.table, self.table.island(now)
+            sib.introduced = {o for o in sib.introduced if o in table and o not in island}
+            if len(sib.introduced) < cap:
+                return True
+        self.counters["origins_refused"] += 1
+        return False
+
+    def _log_bad_signatures(self, sender: str, now: float) -> list[Effect]:
+        new = self.counters["bad_signatures"] - self._bad_signatures_logged
+        if now - self._last_bad_signature_log < BAD_SIGNATURE_LOG_INTERVAL_S:
+            return []
+        self._last_bad_signature_log = now
+        self._bad_signatures_logged = self.counters["bad_signatures"]
+        return [Log(LogLevel.WARNING, f"dropped {new} advert(s) whose signature does not verify "
+                    f"against the key of their origin (latest forwarded by {sender})")]
+
+    def _on_ping(self, msg: Ping, sib: Sibling, now: float) -> list[Effect]:
         if msg.table_hash == self.table.hash:
             sib.hash_mismatches = 0
             return []
         sib.hash_mismatches += 1
         if sib.hash_mismatches < HASH_MISMATCHES_BEFORE_DIGEST:
             return []
+        if not self._may_send_digest(sib, now):
+            return []  # the mismatch count stands: the first ping after the interval sends it
         sib.hash_mismatches = 0
-        self.counters["digests_sent"] += 1
         return [Send(sib.endpoint, DigestMsg(self.id, self.config.nonce, self.table.digest(),
                                              True))]
+
+    def _may_send_digest(self, sib: Sibling, now: float) -> bool:
+        """At most one digest to a sibling per ping interval: a digest is the whole table
+        (40,000 entries at most), and pings, however many, must not each draw one."""
+        if now - sib.digest_sent_at < self.config.ping_interval_s:
+            self.counters["digests_limited"] += 1
+            return False
+        sib.digest_sent_at = now
+        self.counters["digests_sent"] += 1
+        return True
+
+    def _on_digest_msg(self, msg: DigestMsg, sib: Sibling, now: float) -> list[Effect]:
+        """A sibling's digest, answered at most once per ping interval: each answer may queue
+        the whole table for it."""
+        if now - sib.digest_handled_at < self.config.ping_interval_s:
+            self.counters["digests_limited"] += 1
+            return []
+        sib.digest_handled_at = now
+        out = self._on_digest(msg.entries, False, sib)
+        if msg.reply and self.table.lacks_any_of(msg.entries) and self._may_send_digest(sib, now):
+            out.append(Send(sib.endpoint,
+                            DigestMsg(self.id, self.config.nonce, self.table.digest(), False)))
+        return out
 
     def _on_digest(self, theirs: Digest, reply: bool, sib: Sibling) -> list[Effect]:
         """Queue what the sibling lacks; ask for what we lack by sending our digest back."""
@@ -545,16 +1014,20 @@ class Core:
                          DigestMsg(self.id, self.config.nonce, self.table.digest(), False))]
         return []
 
-    def _learn(self, a: Advert, source: Sibling) -> None:
+    def _learn(self, a: Advert, source: Sibling, now: float) -> None:
         # The hot path of the whole protocol (every advert of every message): keep it lean.
         counters = self.counters
         counters["adverts_received"] += 1
         if a.origin == self.id:
-            self._learn_about_self(a)
+            self._learn_about_self(a, now)
             return
-        merged = self.table.merge(a)
+        seal = self._seal
+        # The seal is asked only about versions new to us: one verification per version.
+        merged = self.table.merge(a) if seal is None else self.table.merge(a, seal.verify)
         if merged is not Merge.NEW:
-            if merged is Merge.FULL:
+            if merged is Merge.UNVERIFIED:
+                counters["bad_signatures"] += 1
+            elif merged is Merge.FULL:
                 counters["ignored"] += 1
             elif merged is Merge.STALE:
                 # The sender holds this version already: if we queued it (or an older one) for
@@ -569,31 +1042,94 @@ class Core:
             if sib.state is LinkState.UP and sib is not source:
                 sib.outbox[a.origin] = a
 
-    def _learn_about_self(self, a: Advert) -> None:
-        if a.nonce == self.config.nonce or (a.incarnation, a.seq) <= (self.incarnation, self.seq):
-            return  # our own echo, or an older life of ours
-        seen = self._foreign_nonces.get(a.nonce)
-        self._foreign_nonces[a.nonce] = max(a.version, seen) if seen is not None else a.version
-        if seen is not None:
-            # It outbid us after we outbid it (or it re-sends a version we already met: a flood
-            # reaches us over several paths): a live duplicate. Never bump-war; report.
-            if not self.conflict:
-                self.conflict = (f"another live node uses the id {self.id} (at {a.endpoint}); "
-                                 "stop one of them")
+    def _learn_about_self(self, a: Advert, now: float) -> None:
+        """An advert of our id. Not newer than ours: our echo, or a past life. Newer: we never
+        wrote it (our nonce or not): a past life of ours whose data dir was lost, a live
+        duplicate, or a forgery. Each time, we outbid it, so the grid always ends up holding
+        what *we* say; a rival seen before is outbid at most every RIVAL_OUTBID_INTERVAL_S
+        and reported as a conflict, so two live duplicates cannot bump-war."""
+        if a.version <= (self.incarnation, self.seq):
             return
-        self.incarnation, self.seq = a.incarnation + 1, -1
+        if self._seal is not None and not self._seal.verify(a):
+            self.counters["bad_signatures"] += 1  # with keys nobody else can write our id
+            return
+        if self._rival is None or a.version > self._rival.version:
+            self._rival = a
+        last = self._rivals.pop(a.nonce, None)
+        if last is not None:
+            if not self.conflict:
+                self.conflict = (f"another live node uses the id {self.id} (at "
+                                 f"{a.endpoint}): stop one of them; if there is none, someone "
+                                 "forges its adverts: run the grid with --keys")
+            if now - last < RIVAL_OUTBID_INTERVAL_S:
+                self._rivals[a.nonce] = last
+                self._next_outbid = min(self._next_outbid, last + RIVAL_OUTBID_INTERVAL_S)
+                return
+        self._rivals[a.nonce] = now
+        if len(self._rivals) > MAX_RIVALS_REMEMBERED:
+            del self._rivals[next(iter(self._rivals))]
+        self._outbid()
+
+    def _save_incarnation(self) -> list[Effect]:
+        """A Persist that makes a new incarnation durable before anything else is sent (an
+        outbid or an exhausted seq moved us to one), or nothing."""
+        if self.incarnation == self._durable_incarnation:
+            return []
+        self._durable_incarnation = self.incarnation
+        return [Persist(self.persisted_state(), new_incarnation=True)]
+
+    def _outbid(self) -> None:
+        """Go above the newest rival. A forgery within our own life (our nonce and incarnation)
+        is outbid within it, by seq; anything else is another life, so we start a new one
+        above it, as a restart would. Where counters are exhausted we take the least version
+        above. Both counters at MAX_COUNTER cannot be outbid: only an unsigned grid can be
+        handed that, and then we keep ours and report it."""
+        rival, self._rival = self._rival, None
+        self._next_outbid = math.inf
+        if rival is None or rival.version <= (self.incarnation, self.seq):
+            return
+        incarnation, seq = rival.version
+        own_life = rival.nonce == self.config.nonce and incarnation == self.incarnation
+        if not own_life and incarnation < MAX_COUNTER:
+            self.incarnation, self.seq = incarnation + 1, -1
+        elif seq < MAX_COUNTER:
+            self.incarnation, self.seq = incarnation, seq
+        elif incarnation < MAX_COUNTER:
+            self.incarnation, self.seq = incarnation + 1, -1
+        else:
+            self.conflict = (f"an advert of {self.id} at the maximum version was forged and "
+                             "cannot be outbid: run the grid with --keys, then restart the "
+                             "nodes that hold it")
+            return
+        self.counters["outbids"] += 1
         self._bump()
 
     # ------------------------------------------------------------------------ control
 
-    def _request(self, client: ClientId, req: ControlRequest, now: float) -> list[Effect]:
+    def _request(self, client: ClientId, req: ControlRequest, now: float,
+                 authenticated_as: str | None) -> list[Effect]:
         """A decoded control request; always produces exactly one Respond."""
         try:
+            if isinstance(req, _CHANGING_REQUESTS):
+                self._check_operator(authenticated_as)
             out, body = self._control(client, req, now)
         except ControlError as exc:
             return [Respond(client, Reply(req.rid, False, code=exc.code, message=exc.message))]
         status = isinstance(req, StatusRequest)
-        return [*out, Respond(client, Reply(req.rid, True, body), with_runtime_counters=status)]
+        changed = any(isinstance(effect, Persist) for effect in out)
+        return [*out, Respond(client, Reply(req.rid, True, body), with_runtime_counters=status,
+                              acknowledges=changed)]
+
+    def _check_operator(self, who: str | None) -> None:
+        """With keys, only our own key and our operators may change us; reading is open."""
+        trust = self.trust
+        if trust is None or who == self.id or who in trust.operators:
+            return
+        operators = ", ".join(sorted(trust.operators)) or "none"
+        raise ControlError(
+            f"key {who!r} may not change {self.id}: only {self.id}'s own key and operator keys "
+            f"may (operators: {operators}; mark one with `zgrid-ctl keygen --operator`). "
+            "Read-only requests (status, nodes, watch) are open to every member", "not_operator")
 
     def _control(self, client: ClientId, req: ControlRequest, now: float
                  ) -> tuple[list[Effect], dict[str, Any]]:
@@ -637,13 +1173,27 @@ class Core:
                                "bad_value")
         existing = self.siblings.get(endpoint) or (
             self._by_id.get(expected) if expected else None)
-        if existing is not None:
+        if existing is not None and existing.unproved_since is None:
             return [], {"sibling": existing.row(), "created": False}
-        if len(self.siblings) >= MAX_LINKS_PER_ADVERT:
+        # Siblings that asked us and have not proved their endpoint take no operator's slot.
+        if self._count_siblings(proved=True) >= MAX_LINKS_PER_ADVERT:
             raise ControlError(f"{self.id} already has {MAX_LINKS_PER_ADVERT} siblings, the "
                                "most one node may have", "too_many_siblings")
-        sib = self.siblings[endpoint] = Sibling(endpoint, expected, next_hello=now)
-        out: list[Effect] = [Persist(self.persisted_state()), Connect(endpoint, expected)]
+        self._check_storage(f"link {address}")
+        self._unsaved_siblings.setdefault(endpoint, None)
+        self._gate.forget(expected, endpoint)  # the operator links it again: no longer unlinked
+        out: list[Effect] = []
+        if existing is not None:  # it asked to link, unproved: the operator's link keeps it
+            if existing.endpoint != endpoint or existing.expected_id != expected:
+                self._remove(existing)
+                out.append(Disconnect(existing.endpoint))
+            else:
+                existing.unproved_since, existing.linking, existing.error = None, True, ""
+        sib = self.siblings.get(endpoint)
+        if sib is None:
+            sib = self.siblings[endpoint] = Sibling(endpoint, expected, next_hello=now,
+                                                    linking=True)
+        out += [Persist(self.persisted_state()), Connect(endpoint, expected)]
         out.extend(self._send_hellos(now))
         return out, {"sibling": sib.row(), "created": True}
 
@@ -653,9 +1203,16 @@ class Core:
             names = ", ".join(s.name for s in self.siblings.values()) or "none"
             raise ControlError(f"{target} is not a sibling of {self.id} (siblings: {names})",
                                "unknown_sibling")
+        self._check_storage(f"unlink {target}")
+        self._unsaved_siblings.setdefault(sib.endpoint, sib)
         out: list[Effect] = []
         if sib.up:
             out.append(Send(sib.endpoint, self._bye(ByeReason.UNLINKED)))
+        # Remembered, so that its HELLOs (it may be stopped now and never get our BYE) are
+        # answered `bye unlinked` instead of linking it again. An unproved sibling's id is only
+        # a claim: its endpoint is what the operator unlinked.
+        self._gate.remember(sib.id or (sib.expected_id if sib.unproved_since is None else None),
+                            sib.endpoint)
         self._remove(sib)
         out += [Disconnect(sib.endpoint), Persist(self.persisted_state())]
         return out, {"unlinked": sib.row()}
@@ -664,18 +1221,42 @@ class Core:
         """The runtime could not deliver to this client: it has gone away."""
         self._watchers.pop(client, None)
 
+    def connect_failed(self, endpoint: str, why: str, now: float) -> list[Effect]:
+        """The runtime could not dial `endpoint` (ZeroMQ refused the address, no key for its
+        id ...): the sibling there can never be reached, so it stops counting and we stop
+        knocking. An operator's link stays (REFUSED, with the reason, until it is unlinked);
+        one a stranger asked for is dropped."""
+        sib = self.siblings.get(endpoint)
+        if sib is None:
+            return []
+        if sib.unproved_since is not None:
+            self._remove(sib)
+            return [Log(LogLevel.WARNING, f"not linked with {endpoint}: cannot dial it: {why}")]
+        self._transition(sib, LinkState.REFUSED, now, f"cannot dial {endpoint}: {why}",
+                         retry_at=math.inf)
+        return [Log(LogLevel.ERROR, f"cannot dial {sib.name} at {endpoint}: {why}; the link "
+                    "stays refused until it is unlinked")]
+
     # ------------------------------------------------------------------------ time
 
     def timer(self, now: float) -> list[Effect]:
         """Pings, failure detection, HELLO retries, watcher leases, forgetting. Call when due."""
         out: list[Effect] = []
         cfg = self.config
+        if now >= self._next_outbid:
+            self._outbid()
+            out.extend(self._save_incarnation())
         for sib in self.siblings.values():
             if sib.state is LinkState.UP and now - sib.last_heard >= cfg.dead_after_s:
                 self._transition(sib, LinkState.DOWN, now, retry_at=now)
                 self.counters["link_flaps"] += 1
                 out.append(Log(LogLevel.WARNING,
                                f"{sib.name} silent for {cfg.dead_after_s:g}s; link down"))
+        expired = [sib for sib in self.siblings.values() if sib.unproved_since is not None
+                   and now - sib.unproved_since >= UNPROVED_SIBLING_TTL_S]
+        for sib in expired:  # it never answered from the endpoint it claimed: not a sibling
+            self._remove(sib)
+            out.append(Disconnect(sib.endpoint))
         if now >= self._next_ping:
             self._next_ping = now + cfg.ping_interval_s
             ping = Ping(self.id, self.config.nonce, self.table.hash)
@@ -687,14 +1268,20 @@ class Core:
         if now >= self._next_forget_check:
             self._next_forget_check = now + cfg.forget_after_s / 10
             self.table.forget(now, cfg.forget_after_s)
+        if now >= self._next_storage_retry:  # saves are failing: see whether one works now
+            self._next_storage_retry = now + STORAGE_RETRY_S
+            out.append(Persist(self.persisted_state()))
         return out
 
     def next_deadline(self) -> float:
         """When `timer` next has something to do (the runtime's poll timeout)."""
-        deadline = min(self._next_ping, self._next_forget_check)
+        deadline = min(self._next_ping, self._next_forget_check, self._next_outbid,
+                       self._next_storage_retry)
         dead_after_s = self.config.dead_after_s
         for sib in self.siblings.values():
             due = sib.last_heard + dead_after_s if sib.state is LinkState.UP else sib.next_hello
+            if sib.unproved_since is not None:  # a REFUSED one knocks only every 5 s
+                due = min(due, sib.unproved_since + UNPROVED_SIBLING_TTL_S)
             if due < deadline:
                 deadline = due
         if self._watchers:
@@ -706,7 +1293,10 @@ class Core:
         for sib in self.siblings.values():
             if sib.state is LinkState.UP or now < sib.next_hello:
                 continue
-            out.append(Send(sib.endpoint, self._hello(ack=False, dialed=sib.endpoint)))
+            proved = sib.unproved_since is None
+            out.append(Send(sib.endpoint, self._hello(
+                False, sib.endpoint, self._token(sib.endpoint), proved=proved,
+                linking=sib.linking and proved)))
             if sib.state is LinkState.REFUSED:
                 sib.next_hello = now + REFUSED_RETRY_S
             else:
@@ -765,7 +1355,7 @@ class Core:
 
     def flush(self, now: float) -> list[Effect]:
         """One batched `adverts` message per sibling, then the view if it changed."""
-        out: list[Effect] = []
+        out = self._save_incarnation()
         shared: Adverts | None = None
         for sib in self.siblings.values():
             outbox = sib.outbox
@@ -793,11 +1383,16 @@ class Core:
 
     def _bump(self) -> None:
         """Publish a new version of our own advert (values or links changed)."""
-        self.seq += 1
+        if self.seq < MAX_COUNTER:
+            self.seq += 1
+        elif self.incarnation < MAX_COUNTER:  # seq exhausted (only an outbid gets it there)
+            self.incarnation, self.seq = self.incarnation + 1, 0
         links = tuple(sorted(sib.id for sib in self.siblings.values()
                              if sib.state is LinkState.UP and sib.id is not None))
         advert = Advert(self.id, self.incarnation, self.seq, self.production, self.consumption,
                         links, self.config.endpoint, self.config.nonce)
+        if self._seal is not None:
+            advert = self._seal.sign(advert)
         self.table.put(advert)
         for sib in self.siblings.values():
             if sib.state is LinkState.UP:
@@ -838,14 +1433,16 @@ class Core:
             "siblings": [s.row() for s in self.siblings.values()],
             "known_nodes": len(self.table),
             "conflict": self.conflict,
-            "counters": dict(self.counters),
+            "storage": f"failing: {self.storage_error}" if self.storage_error else "ok",
+            "counters": {**self.counters, "adverts_evicted": self.table.evicted},
         }
 
     def nodes(self, now: float) -> list[dict[str, Any]]:
         island = self.table.island(now)
         return [{"id": a.origin, "production": a.production, "consumption": a.consumption,
                  "net": a.net, "reachable": a.origin in island, "endpoint": a.endpoint,
-                 "incarnation": a.incarnation, "seq": a.seq, "links": list(a.links)}
+                 "incarnation": a.incarnation, "seq": a.seq, "links": list(a.links),
+                 "nonce": a.nonce}
                 for a in sorted(self.table, key=lambda a: a.origin)]
 
     def sibling(self, name: str) -> Sibling | None:
@@ -854,9 +1451,21 @@ class Core:
 
     # ------------------------------------------------------------------------ messages
 
-    def _hello(self, ack: bool, dialed: str) -> Hello:
-        return Hello(self.id, self.config.nonce, self.config.endpoint, ack, self.table.digest(),
-                     dialed)
+    def _hello(self, ack: bool, dialed: str, token: int, proved: bool = True,
+               linking: bool = False) -> Hello:
+        """A request (its `token`: our challenge) or an ack (the request's token, echoed). To
+        an endpoint not proved yet it carries no digest: a forged HELLO must not make us send
+        our whole table to an address of the forger's choosing."""
+        digest = self.table.digest() if proved else {}
+        return Hello(self.id, self.config.nonce, self.config.endpoint, ack, digest, dialed,
+                     token, linking)
+
+    def _token(self, endpoint: str) -> int:
+        """The challenge of our HELLOs to `endpoint`: seen only by whoever receives there, and
+        not computable without our secret, so an ack echoing it proves the endpoint."""
+        key = (self.config.secret or self.config.nonce).to_bytes(8, "little")
+        digest = hashlib.blake2b(endpoint.encode(), key=key, digest_size=8).digest()
+        return int.from_bytes(digest, "little")
 
     def _bye(self, reason: ByeReason) -> Bye:
         return Bye(self.id, self.config.nonce, reason)

@@ -55,6 +55,22 @@ class StoreError(ZgridError):
     code = "store"
 
 
+class StorageFailure(StoreError):
+    """The storage under the data dir refuses the node's writes (or reads) right now: the disk
+    is full, the filesystem is read-only, the files are not writable, an I/O error.
+
+    Not corruption: what is already on disk is intact, so the fix is to the storage (free
+    space, fix permissions, remount), never to move the state aside. A running node keeps
+    serving its last saved state and refuses changes until a save works again.
+    """
+
+    code = "storage_failing"
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause  # a few words for a status line: "disk full", "read-only" ...
+
+
 class SecurityError(ZgridError):
     """Keys are missing or unusable, or no authenticator could be installed."""
 

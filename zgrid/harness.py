@@ -170,6 +170,9 @@ class NodeProc:
     keys: Path | None = None  # a CurveZMQ keys directory: then everything speaks CURVE
     log_level: str = "debug"
     proc: subprocess.Popen[bytes] | None = None
+    # A command that execs the node, e.g. nsenter into the mount namespace of a test's small
+    # disk; it must exec (not fork), so that `proc` is the node itself.
+    wrapper: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -196,7 +199,7 @@ class NodeProc:
         die_with_parent: the node gets SIGKILL when this process dies (Linux only).
         """
         keys = ("--keys", str(self.keys)) if self.keys else ()
-        cmd = [str(BIN / "zgrid-node"), "--id", self.id, "--bind", self.endpoint,
+        cmd = [*self.wrapper, str(BIN / "zgrid-node"), "--id", self.id, "--bind", self.endpoint,
                "--data-dir", str(self.data_dir), "--log-level", self.log_level, *keys,
                *self.extra, *args]
         preexec = die_with_parent_preexec() if die_with_parent else None

@@ -40,8 +40,9 @@ from zgrid.core import (
     Respond,
     Send,
     SendOnce,
+    Trust,
 )
-from zgrid.errors import ProtocolError, StoreError, ZgridError
+from zgrid.errors import ProtocolError, StorageFailure, StoreError, ZgridError
 from zgrid.persisted import PersistedState
 from zgrid.security import (
     Membership,
@@ -50,6 +51,7 @@ from zgrid.security import (
     secure_client,
     secure_server,
 )
+from zgrid.signing import AdvertSeal, Keyring
 from zgrid.store import Store
 from zgrid.wire import (
     MAX_FRAME_BYTES,
@@ -71,6 +73,11 @@ RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5000
 HANDSHAKE_IVL_MS = 5000
 CLOSE_LINGER_MS = 200  # long enough for a BYE to leave before its socket closes
+# Refusals go to nodes that are not siblings, each over a DEALER of its own: these are kept for
+# reuse (a refused node knocks again) but at most this many, each closed once idle this long,
+# so a flood of refused HELLOs costs a bounded number of sockets (ZeroMQ allows 1023 at most).
+MAX_ONE_SHOT_SOCKETS = 8
+ONE_SHOT_IDLE_S = 1.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CRASH_EXIT_CODE = 137  # what a shell reports for kill -9: the crash hook's exit looks the same
 CRASH_HOOK_FLOOD_S = 0.2  # the crash hook waits this long so the flood is on the wire first
@@ -95,6 +102,8 @@ class NodeSettings:
     drop_rate: float = 0.0  # testing only: drop this fraction of outgoing `adverts` messages
     # Testing only: exit at once (as kill -9 would) after flooding a change, before saving it.
     crash_before_save: bool = False
+    # Testing only: while this file exists, every save fails as it does on a full disk.
+    fail_saves_while: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -114,13 +123,17 @@ class Node:
         self.settings = settings
         self._ctx = zmq.Context()
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        # (endpoint, peer id) -> DEALER for refusals and when it was last used, oldest first
+        self._one_shots: dict[tuple[str, str], tuple[zmq.Socket[bytes], float]] = {}
         self._random = random.Random()
         self._signals: list[int] = []
         self._membership: Membership | None = None
+        self._signing_seed = b""  # with --keys: our Ed25519 secret, read once at startup
         self._zap: ZapHandler | None = None
         self._refusals_logged: set[str] = set()
         # What only the runtime sees; merged into every status reply.
-        self._counters = {"messages_sent": 0, "bytes_sent": 0, "sends_dropped": 0, "saves": 0}
+        self._counters = {"messages_sent": 0, "bytes_sent": 0, "sends_dropped": 0, "saves": 0,
+                          "save_failures": 0}
         self._unsaved: PersistedState | None = None  # flooded, not yet durable
         self._last_encoded: tuple[object, bytes] = (None, b"")
         self._held_replies: list[Respond] = []  # acknowledge `_unsaved`: wait for the save
@@ -140,20 +153,23 @@ class Node:
             node_id=settings.node_id,
             endpoint=settings.endpoint,
             nonce=random.SystemRandom().getrandbits(64),
+            secret=random.SystemRandom().getrandbits(64),
             ping_interval_s=settings.ping_interval_s,
             dead_after_s=settings.dead_after_s,
             forget_after_s=settings.forget_after_s,
             require_sibling_ids=settings.keys_dir is not None,
         )
-        members = None if self._membership is None else self._membership.names()
-        self.core = Core(config, restored, members)
+        self.core = Core(config, restored, self._trust())
 
     # ------------------------------------------------------------------------ setup
 
     def _open_store(self) -> Store:
         data_dir = self.settings.data_dir or Path(".zgrid") / self.settings.node_id
         try:
-            return Store.open(data_dir, self.settings.node_id)
+            return Store.open(data_dir, self.settings.node_id,
+                              fail_saves_while=self.settings.fail_saves_while)
+        except StorageFailure:
+            raise  # not a mistake in how the node was started: the storage needs fixing
         except ZgridError as exc:
             raise StartupError(exc.message) from None
 
@@ -165,6 +181,7 @@ class Node:
             parse_sibling_address(address, lambda why: StartupError(f"--sibling {why}"))
         if saved is None:
             return PersistedState(s.node_id, 0, s.production, s.consumption, s.siblings)
+        saved = replace(saved, siblings=tuple(a for a in saved.siblings if _valid_saved(a)))
         endpoints = {parse_sibling_address(a)[1] for a in saved.siblings}
         extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)
         return replace(saved, siblings=saved.siblings + extra)
@@ -175,6 +192,7 @@ class Node:
         try:
             membership = Membership(keys_dir)
             membership.load_own(self.settings.node_id)
+            self._signing_seed = membership.load_own_signing(self.settings.node_id)
             for address in self.settings.siblings:
                 expected, endpoint = parse_sibling_address(address)
                 if expected is None:
@@ -209,28 +227,73 @@ class Node:
             raise StartupError(f"cannot bind {self.settings.bind}: {exc.strerror}") from None
         return router
 
-    def _dealer(self, endpoint: str, peer_id: str | None, immediate: bool
-                ) -> zmq.Socket[bytes] | None:
-        dealer: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
-        if self._membership is not None:
-            try:
+    def _dealer(self, endpoint: str, peer_id: str | None, immediate: bool) -> zmq.Socket[bytes]:
+        """A DEALER connected to `endpoint`, or _CannotDial with nothing left open: a socket
+        left open would make closing the context wait for it forever."""
+        try:
+            dealer: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:  # e.g. too many sockets
+            raise _CannotDial(exc.strerror) from None
+        try:
+            if self._membership is not None:
                 if peer_id is None:
                     raise ZgridError(f"no id for {endpoint}: with --keys, write ID@ENDPOINT")
                 secure_client(dealer, self._membership, self.settings.node_id, peer_id)
-            except ZgridError as exc:
-                dealer.close(linger=0)
-                log.error("cannot dial %s: %s", endpoint, exc.message)
-                return None
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.IMMEDIATE, 1 if immediate else 0)
-        dealer.setsockopt(zmq.SNDHWM, SIBLING_SNDHWM_MSGS)
-        dealer.setsockopt(zmq.SNDTIMEO, 0)
-        dealer.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        dealer.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        dealer.connect(endpoint)
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IMMEDIATE, 1 if immediate else 0)
+            dealer.setsockopt(zmq.SNDHWM, SIBLING_SNDHWM_MSGS)
+            dealer.setsockopt(zmq.SNDTIMEO, 0)
+            dealer.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            dealer.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+            dealer.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+            dealer.connect(endpoint)  # raises for an address ZeroMQ cannot use (EINVAL ...)
+        except (ZgridError, zmq.ZMQError) as exc:
+            dealer.close(linger=0)
+            raise _CannotDial(exc.message if isinstance(exc, ZgridError) else exc.strerror
+                              ) from None
         return dealer
+
+    def _connect(self, effect: Connect) -> None:
+        if effect.endpoint in self._dealers:
+            return
+        try:
+            self._dealers[effect.endpoint] = self._dealer(effect.endpoint, effect.peer_id,
+                                                          immediate=True)
+        except _CannotDial as exc:
+            self._perform(self.core.connect_failed(effect.endpoint, str(exc), time.monotonic()))
+
+    def _send_once(self, effect: SendOnce) -> None:
+        """A message (a refusal) to a node that is not our sibling, over a one-shot DEALER
+        that is kept for a while (see MAX_ONE_SHOT_SOCKETS)."""
+        key = (effect.endpoint, effect.peer_id)
+        entry = self._one_shots.pop(key, None)
+        if entry is None:
+            while len(self._one_shots) >= MAX_ONE_SHOT_SOCKETS:
+                oldest, _ = self._one_shots.pop(next(iter(self._one_shots)))
+                oldest.close(linger=CLOSE_LINGER_MS)
+            try:
+                # Not IMMEDIATE: the message waits for the connection (for a linger at most).
+                once = self._dealer(effect.endpoint, effect.peer_id, immediate=False)
+            except _CannotDial as exc:
+                log.debug("cannot send to %s: %s", effect.endpoint, exc)
+                return
+        else:
+            once = entry[0]
+        self._one_shots[key] = (once, time.monotonic())
+        try:
+            once.send(encode(effect.message), zmq.NOBLOCK)
+        except zmq.Again:
+            self._counters["sends_dropped"] += 1
+
+    def _close_idle_one_shots(self, now: float) -> None:
+        while self._one_shots:
+            key = next(iter(self._one_shots))
+            once, used = self._one_shots[key]
+            if now - used < ONE_SHOT_IDLE_S:
+                return  # oldest first: the rest were used later
+            del self._one_shots[key]
+            once.close(linger=CLOSE_LINGER_MS)
 
     # ------------------------------------------------------------------------ the loop
 
@@ -253,12 +316,24 @@ class Node:
                         "reach it can control this node; use --keys", self.settings.bind)
         try:
             code = 0
+            started = False
             try:
                 self._perform(self.core.start(time.monotonic()))
+                started = True
                 self._loop(poller, wake_r)
             except StoreError as exc:
-                # The core has changed state that is not on disk: stop before acknowledging it.
-                log.error("cannot save this node's state, stopping: %s", exc.message)
+                # A new incarnation that cannot be saved (other failed saves are refusals, see
+                # `_save_and_acknowledge`): it may not be sent, and our old incarnation cannot
+                # stand for us, so the node leaves the grid, sending nothing but goodbyes.
+                if started and isinstance(exc, StorageFailure):
+                    log.error("cannot save this node's new incarnation, so it cannot stay in "
+                              "the grid; stopping: %s", exc.message)
+                elif started:  # not the storage: a state the store refuses to write
+                    log.error("cannot save this node's state, stopping: %s", exc.message)
+                else:
+                    log.error("cannot start: the new incarnation of this node cannot be "
+                              "saved: %s", exc.message)
+                self._release_held(saved=False, stopping_because=exc.message)
                 code = 1
             log.info("%s stopping", self.settings.node_id)
             self._perform(self.core.stop(time.monotonic()))
@@ -286,33 +361,65 @@ class Node:
                 self._perform(self.core.timer(now))
             self._perform(self.core.flush(now))
             self._save_and_acknowledge()
+            self._close_idle_one_shots(now)
 
     def _save_and_acknowledge(self) -> None:
         """Group commit: one save for every change of this loop turn, after their flood went
         out (the fsync no longer delays agreement), then the replies that acknowledge them."""
+        saved = True  # nothing to save, or saved
         if self._unsaved is not None:
             if self.settings.crash_before_save and self._held_replies:
                 time.sleep(CRASH_HOOK_FLOOD_S)
                 os._exit(CRASH_EXIT_CODE)
             state, self._unsaved = self._unsaved, None
-            self._save(state)
+            now = time.monotonic()
+            try:
+                self._save(state)
+            except StorageFailure as exc:
+                # A refusal, not a crash: the core undoes the change, and the advert that
+                # restores the saved values leaves now rather than with the next ping.
+                self._perform(self.core.save_failed(state, exc.message, now))
+                self._perform(self.core.flush(now))
+                saved = False
+            else:
+                self._perform(self.core.save_succeeded(state, now))
+        self._release_held(saved)
+
+    def _release_held(self, saved: bool, stopping_because: str = "") -> None:
+        """Send the held replies; if what they acknowledge was not saved, acknowledgements
+        become refusals (ok=true only ever follows a successful fsync)."""
         held, self._held_replies = self._held_replies, []
         for effect in held:
+            if effect.acknowledges and not saved:
+                effect = replace(effect, reply=self.core.refuse_unsaved(effect.reply,
+                                                                        stopping_because))
             self._respond(effect)
 
     def _save(self, state: PersistedState) -> None:
-        self._store.save(state)
+        try:
+            self._store.save(state)
+        except StoreError:
+            self._counters["save_failures"] += 1
+            raise
         self._counters["saves"] += 1
 
     def close(self) -> None:
-        for dealer in self._dealers.values():
-            dealer.close(linger=CLOSE_LINGER_MS)
-        self._dealers.clear()
-        self._router.close(linger=0)
-        if self._zap is not None:
-            self._zap.close()
-        self._ctx.term()  # waits at most CLOSE_LINGER_MS for goodbyes still in flight
-        self._store.close()
+        try:
+            for dealer in self._dealers.values():
+                dealer.close(linger=CLOSE_LINGER_MS)
+            self._dealers.clear()
+            for once, _ in self._one_shots.values():
+                once.close(linger=CLOSE_LINGER_MS)
+            self._one_shots.clear()
+            self._router.close(linger=0)
+            if self._zap is not None:
+                self._zap.close()
+            # destroy, not term: any socket still open (there should be none) is closed with
+            # no linger instead of making term wait for it forever. Those closed above keep
+            # their linger: at most CLOSE_LINGER_MS for goodbyes still in flight.
+            self._ctx.destroy(linger=0)
+        finally:
+            self._store.close()  # releases the data dir's lock, whatever happened above
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)  # the wakeup fd makes the poll return at once
@@ -327,6 +434,14 @@ class Node:
             self._signals.remove(signal.SIGHUP)
             self._reload_membership()
 
+    def _trust(self) -> Trust | None:
+        """What the core needs to know about keys: members, operators, and the advert seal."""
+        membership = self._membership
+        if membership is None:
+            return None
+        seal = AdvertSeal(self._signing_seed, Keyring(membership.signing_keys()))
+        return Trust(membership.names(), membership.operators(), seal)
+
     def _reload_membership(self) -> None:
         if self._membership is None:
             log.info("SIGHUP: nothing to reload without --keys")
@@ -338,7 +453,9 @@ class Node:
             return
         log.info("SIGHUP: %d member(s); revoked: %s", len(self._membership.names()),
                  ", ".join(sorted(removed)) or "none")
-        self._perform(self.core.membership_changed(self._membership.names(), time.monotonic()))
+        trust = self._trust()
+        assert trust is not None  # we have a membership
+        self._perform(self.core.membership_changed(trust, time.monotonic()))
 
     def _drain_zap(self) -> None:
         assert self._zap is not None
@@ -386,23 +503,19 @@ class Node:
                 case Persist():
                     if effect.new_incarnation:
                         self._unsaved = None  # superseded by this state
-                        self._save(effect.state)
+                        self._save(effect.state)  # a failure stops the node: see `run`
+                        self._perform(self.core.save_succeeded(effect.state, time.monotonic()))
+                        self._release_held(saved=True)  # what they acknowledge is in it
                     else:
                         self._unsaved = effect.state
                 case Connect():
-                    if effect.endpoint not in self._dealers:
-                        dealer = self._dealer(effect.endpoint, effect.peer_id, immediate=True)
-                        if dealer is not None:
-                            self._dealers[effect.endpoint] = dealer
+                    self._connect(effect)
                 case Disconnect():
                     dealer = self._dealers.pop(effect.endpoint, None)
                     if dealer is not None:
                         dealer.close(linger=CLOSE_LINGER_MS)
                 case SendOnce():
-                    once = self._dealer(effect.endpoint, effect.peer_id, immediate=False)
-                    if once is not None:
-                        once.send(encode(effect.message), zmq.NOBLOCK)
-                        once.close(linger=CLOSE_LINGER_MS)
+                    self._send_once(effect)
                 case Publish():
                     self._publish(effect)
                 case Log():
@@ -455,6 +568,21 @@ class Node:
         update = ViewUpdate(view, time.time())
         for client in effect.watchers:
             self._deliver(client, update)
+
+
+class _CannotDial(Exception):
+    """ZeroMQ cannot connect a DEALER to an endpoint; the message says why."""
+
+
+def _valid_saved(address: str) -> bool:
+    """Whether a saved sibling address is still valid. An older zgrid saved some that are not
+    (an ipc path too long for a unix socket): they are dropped, or the node could not start."""
+    try:
+        parse_sibling_address(address)
+    except ProtocolError as exc:
+        log.warning("dropping the saved sibling %.80r: %s", address, exc.message)
+        return False
+    return True
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -19,3 +19,6 @@ class PersistedState:
     production: float
     consumption: float
     siblings: tuple[str, ...]  # "ID@ENDPOINT" once the id is known, else "ENDPOINT"
+    # Siblings the operator unlinked, as addressed in `siblings` (oldest first, bounded): their
+    # HELLOs are answered with `bye unlinked` until the operator links them again.
+    unlinked: tuple[str, ...] = ()

@@ -1,8 +1,10 @@
-"""CurveZMQ for zgrid: key files, the membership list, and a ZAP handler run by the node's loop.
+"""Keys for zgrid: key files, the membership list, and a ZAP handler run by the node's loop.
 
 What it is for:
-- `keygen` writes a member's keypair in pyzmq's certificate format (NAME.key public,
-  NAME.key_secret 0600, never readable by anyone else, not even for an instant).
+- `keygen` writes a member's keys in pyzmq's certificate format (NAME.key public,
+  NAME.key_secret 0600, never readable by anyone else, not even for an instant): a CurveZMQ
+  keypair (who is on a connection) and, in the `metadata` section, an Ed25519 signing keypair
+  (who wrote an advert) and the member's role (`operator`: may change every node that lists it).
 - `Membership` is a keys directory read as the grid's membership list: every `*.key` in it is a
   member allowed in, named by the file stem. `reload()` re-reads it (SIGHUP revocation).
 - `ZapHandler` answers ZAP requests (RFC 27) on `inproc://zeromq.zap.01` of the node's own
@@ -26,6 +28,7 @@ import errno
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +37,7 @@ import zmq
 from zmq.utils import z85
 
 from zgrid.errors import SecurityError
+from zgrid.signing import SIGNING_KEY_BYTES, new_keypair, public_of
 from zgrid.wire import check_node_id
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq connects here, per context
@@ -51,6 +55,11 @@ PUBLIC_FILE_MODE = 0o644
 KEYS_DIR_MODE = 0o700
 SECRET_MODE_FORBIDDEN_BITS = 0o077  # any access by group or others, like ssh refuses
 MAX_KEY_FILE_BYTES = 64 * 1024  # a certificate is ~300 bytes; never read a huge file whole
+# Metadata names: none starts with "public-key" or "secret-key", which pyzmq's reader matches.
+SIGN_PUBLIC_FIELD = b"sign-public-key"
+SIGN_SECRET_FIELD = b"sign-secret-key"
+ROLE_FIELD = b"role"
+OPERATOR_ROLE = b"operator"
 
 _Z85_RE = re.compile(rb"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
@@ -75,10 +84,13 @@ def _check_name(name: str) -> str:
     return str(check_node_id(name, lambda why: SecurityError(f"key name {why}")))
 
 
-def _certificate_text(banner: str, public: bytes, secret: bytes | None) -> bytes:
+def _certificate_text(banner: str, metadata: dict[bytes, bytes], public: bytes,
+                      secret: bytes | None) -> bytes:
     # The layout of pyzmq's zmq.auth.certs._write_key_file (and czmq's zcert), so that
     # zmq.auth.load_certificate and other ZeroMQ tools read our files.
-    lines = [banner, "metadata\n", "curve\n", f'    public-key = "{public.decode("ascii")}"\n']
+    lines = [banner, "metadata\n"]
+    lines += [f'    {k.decode("ascii")} = "{v.decode("ascii")}"\n' for k, v in metadata.items()]
+    lines += ["curve\n", f'    public-key = "{public.decode("ascii")}"\n']
     if secret is not None:
         lines.append(f'    secret-key = "{secret.decode("ascii")}"\n')
     return "".join(lines).encode("ascii")
@@ -97,11 +109,13 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def keygen(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write a new keypair DIRECTORY/NAME.key (public) and DIRECTORY/NAME.key_secret (0600).
+def keygen(directory: Path, name: str, operator: bool = False) -> tuple[Path, Path]:
+    """Write new keys DIRECTORY/NAME.key (public) and DIRECTORY/NAME.key_secret (0600).
 
-    Returns (public path, secret path). Creates DIRECTORY (0700) if missing. Raises
-    SecurityError if NAME is not a valid node id or either file exists already.
+    Both hold the CURVE and the signing public keys (and, with `operator`, the operator role);
+    the secret file also holds both secrets. Returns (public path, secret path). Creates
+    DIRECTORY (0700) if missing. Raises SecurityError if NAME is not a valid node id or either
+    file exists already.
     """
     _check_name(name)
     directory = Path(directory)
@@ -117,15 +131,20 @@ def keygen(directory: Path, name: str) -> tuple[Path, Path]:
                                 "both files first if you really mean to replace this member's "
                                 "keys (every other member must then get the new .key)")
     public, secret = zmq.curve_keypair()
+    sign_public, sign_secret = new_keypair()
+    shared = {SIGN_PUBLIC_FIELD: z85.encode(sign_public)}
+    if operator:
+        shared[ROLE_FIELD] = OPERATOR_ROLE
     now = datetime.datetime.now().isoformat(timespec="seconds")
     try:
-        _write_new_file(secret_path, _certificate_text(_SECRET_BANNER.format(now=now), public,
-                                                       secret), SECRET_FILE_MODE)
+        _write_new_file(secret_path, _certificate_text(
+            _SECRET_BANNER.format(now=now), {**shared, SIGN_SECRET_FIELD: z85.encode(sign_secret)},
+            public, secret), SECRET_FILE_MODE)
     except OSError as e:
         raise SecurityError(f"cannot write {secret_path}: {e.strerror}") from e
     try:
         _write_new_file(public_path, _certificate_text(
-            _PUBLIC_BANNER.format(now=now, name=name), public, None), PUBLIC_FILE_MODE)
+            _PUBLIC_BANNER.format(now=now, name=name), shared, public, None), PUBLIC_FILE_MODE)
     except OSError as e:
         secret_path.unlink(missing_ok=True)  # ours: created above; a lone secret is useless
         raise SecurityError(f"cannot write {public_path}: {e.strerror}") from e
@@ -138,23 +157,31 @@ def keygen(directory: Path, name: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
-def _parse_certificate(data: bytes) -> tuple[bytes | None, bytes | None]:
-    # Same reading rules as zmq.auth.load_certificate, on bytes we already read and checked.
-    public: bytes | None = None
-    secret: bytes | None = None
+def _parse_certificate(data: bytes) -> dict[bytes, bytes]:
+    # Same reading rules as zmq.auth.load_certificate (`name = "value"` lines, the last one
+    # wins), on bytes we already read and checked; the section a line is in does not matter.
+    fields: dict[bytes, bytes] = {}
     for raw in data.splitlines():
         line = raw.strip()
-        if line.startswith(b"#"):
+        if line.startswith(b"#") or b"=" not in line:
             continue
-        if line.startswith(b"public-key") and b"=" in line:
-            public = line.split(b"=", 1)[1].strip(b" \t'\"")
-        elif line.startswith(b"secret-key") and b"=" in line:
-            secret = line.split(b"=", 1)[1].strip(b" \t'\"")
-    return public, secret
+        name, value = line.split(b"=", 1)
+        fields[name.strip()] = value.strip(b" \t'\"")
+    return fields
 
 
 def _valid_z85_key(key: bytes | None) -> bool:
     return key is not None and _Z85_RE.fullmatch(key) is not None
+
+
+def _signing_key(fields: dict[bytes, bytes], name: bytes) -> bytes | None:
+    """A 32-byte Ed25519 key from its z85 field, or None if absent or malformed."""
+    text = fields.get(name)
+    if not _valid_z85_key(text):
+        return None
+    assert text is not None  # for mypy: checked by _valid_z85_key
+    key = z85.decode(text)
+    return key if len(key) == SIGNING_KEY_BYTES else None
 
 
 def _read_key_file(path: Path, *, secret: bool) -> bytes:
@@ -179,8 +206,19 @@ def _read_key_file(path: Path, *, secret: bool) -> bytes:
 # ---------------------------------------------------------------------------- membership
 
 
+@dataclass(frozen=True, slots=True)
+class MemberKeys:
+    """What a member's public .key file says: its CURVE key (z85), its Ed25519 signing key
+    (None in a file written before zgrid signed adverts: such a member's adverts are dropped)
+    and whether it is an operator."""
+
+    curve: bytes
+    signing: bytes | None
+    operator: bool
+
+
 class Membership:
-    """A keys directory as the grid's membership list: member name -> CURVE public key (z85).
+    """A keys directory as the grid's membership list: member name -> its public keys.
 
     Files that cannot be used (bad name, no valid public key) are skipped and described in
     `problems`, so the node can log them; they never make anyone a member.
@@ -189,7 +227,7 @@ class Membership:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.problems: list[str] = []
-        self._keys: dict[str, bytes] = {}
+        self._members: dict[str, MemberKeys] = {}
         self._names: dict[bytes, str] = {}
         self.reload()
 
@@ -199,20 +237,20 @@ class Membership:
         On SecurityError (directory unreadable, two members with one key) the membership is
         left as it was, so a botched edit during SIGHUP does not open or close the grid.
         """
-        keys, problems = self._scan()
+        members, problems = self._scan()
         names: dict[bytes, str] = {}
-        for name, key in sorted(keys.items()):
-            if key in names:
+        for name, keys in sorted(members.items()):
+            if keys.curve in names:
                 raise SecurityError(
-                    f"{self.directory / (names[key] + PUBLIC_KEY_SUFFIX)} and "
+                    f"{self.directory / (names[keys.curve] + PUBLIC_KEY_SUFFIX)} and "
                     f"{self.directory / (name + PUBLIC_KEY_SUFFIX)} hold the same public key: "
                     "a key must name one member; remove one of them")
-            names[key] = name
-        removed = set(self._keys) - set(keys)
-        self._keys, self._names, self.problems = keys, names, problems
+            names[keys.curve] = name
+        removed = set(self._members) - set(members)
+        self._members, self._names, self.problems = members, names, problems
         return removed
 
-    def _scan(self) -> tuple[dict[str, bytes], list[str]]:
+    def _scan(self) -> tuple[dict[str, MemberKeys], list[str]]:
         if not self.directory.is_dir():
             raise SecurityError(f"keys directory {self.directory} does not exist: create it "
                                 "with `zgrid-ctl keygen --dir DIR NAME` and copy the members' "
@@ -221,34 +259,49 @@ class Membership:
             paths = sorted(self.directory.glob(f"*{PUBLIC_KEY_SUFFIX}"))
         except OSError as e:
             raise SecurityError(f"cannot read keys directory {self.directory}: {e}") from e
-        keys: dict[str, bytes] = {}
+        members: dict[str, MemberKeys] = {}
         problems: list[str] = []
         for path in paths:
             name = path.name[: -len(PUBLIC_KEY_SUFFIX)]
             try:
                 _check_name(name)
-                public, secret = _parse_certificate(_read_key_file(path, secret=False))
+                fields = _parse_certificate(_read_key_file(path, secret=False))
             except SecurityError as e:
                 problems.append(f"skipped {path}: {e.message}")
                 continue
             except OSError as e:
                 problems.append(f"skipped {path}: {e.strerror}")
                 continue
+            public = fields.get(b"public-key")
             if not _valid_z85_key(public):
                 problems.append(f"skipped {path}: no valid public-key (40 Z85 characters)")
                 continue
-            if secret is not None:
+            if b"secret-key" in fields or SIGN_SECRET_FIELD in fields:
                 problems.append(f"{path} contains a secret key: a .key file is shared with every "
                                 "member, so that secret is exposed; generate new keys")
+            signing = _signing_key(fields, SIGN_PUBLIC_FIELD)
+            if signing is None:
+                problems.append(f"{path} has no valid {SIGN_PUBLIC_FIELD.decode()}: {name}'s "
+                                "adverts cannot be verified and are dropped; generate its keys "
+                                "again with this version's `zgrid-ctl keygen`")
             assert public is not None  # for mypy: checked by _valid_z85_key
-            keys[name] = public
-        return keys, problems
+            members[name] = MemberKeys(public, signing, fields.get(ROLE_FIELD) == OPERATOR_ROLE)
+        return members, problems
 
     def names(self) -> frozenset[str]:
-        return frozenset(self._keys)
+        return frozenset(self._members)
+
+    def operators(self) -> frozenset[str]:
+        """The members whose .key file gives them the operator role."""
+        return frozenset(name for name, keys in self._members.items() if keys.operator)
+
+    def signing_keys(self) -> dict[str, bytes]:
+        """Member name -> raw Ed25519 public key, for every member that has one."""
+        return {name: keys.signing for name, keys in self._members.items()
+                if keys.signing is not None}
 
     def __contains__(self, name: object) -> bool:
-        return name in self._keys
+        return name in self._members
 
     def name_of(self, public_key: bytes) -> str | None:
         """The member whose z85 public key this is, or None."""
@@ -256,14 +309,13 @@ class Membership:
 
     def public_key(self, name: str) -> bytes:
         """The z85 public key of member NAME; SecurityError if it has none in the directory."""
-        key = self._keys.get(name)
-        if key is None:
+        keys = self._members.get(name)
+        if keys is None:
             raise SecurityError(f"no key for sibling {name} in {self.directory}: copy {name}.key "
                                 "there")
-        return key
+        return keys.curve
 
-    def load_own(self, name: str) -> tuple[bytes, bytes]:
-        """(public, secret) z85 keys of NAME from DIR/NAME.key_secret, checked for safety."""
+    def _own_fields(self, name: str) -> tuple[Path, dict[bytes, bytes]]:
         _check_name(name)
         path = self.directory / f"{name}{SECRET_KEY_SUFFIX}"
         try:
@@ -273,7 +325,12 @@ class Membership:
                                 f"`zgrid-ctl keygen --dir {self.directory} {name}`") from None
         except OSError as e:
             raise SecurityError(f"cannot read {path}: {e.strerror}") from e
-        public, secret = _parse_certificate(data)
+        return path, _parse_certificate(data)
+
+    def load_own(self, name: str) -> tuple[bytes, bytes]:
+        """(public, secret) z85 CURVE keys of NAME from DIR/NAME.key_secret, checked for safety."""
+        path, fields = self._own_fields(name)
+        public, secret = fields.get(b"public-key"), fields.get(b"secret-key")
         if not (_valid_z85_key(public) and _valid_z85_key(secret)):
             raise SecurityError(f"{path} holds no valid public-key and secret-key pair: "
                                 "regenerate it with zgrid-ctl keygen")
@@ -281,12 +338,28 @@ class Membership:
         if zmq.curve_public(secret) != public:
             raise SecurityError(f"{path}: its public-key does not belong to its secret-key; "
                                 "the file was edited or damaged: regenerate it")
-        listed = self._keys.get(name)
-        if listed is not None and listed != public:
+        listed = self._members.get(name)
+        if listed is not None and listed.curve != public:
             raise SecurityError(f"{self.directory / (name + PUBLIC_KEY_SUFFIX)} does not match "
                                 f"{path}: copy the .key generated with this secret there (and "
                                 "to every other member)")
         return public, secret
+
+    def load_own_signing(self, name: str) -> bytes:
+        """NAME's 32-byte Ed25519 secret seed from DIR/NAME.key_secret, checked against the
+        signing key its .key file gives every other member."""
+        path, fields = self._own_fields(name)
+        seed = _signing_key(fields, SIGN_SECRET_FIELD)
+        if seed is None:
+            raise SecurityError(f"{path} holds no {SIGN_SECRET_FIELD.decode()} (written before "
+                                "zgrid signed adverts?): generate this member's keys again with "
+                                "`zgrid-ctl keygen` and give every member the new .key")
+        listed = self._members.get(name)
+        if listed is not None and listed.signing != public_of(seed):
+            raise SecurityError(f"the {SIGN_PUBLIC_FIELD.decode()} of "
+                                f"{self.directory / (name + PUBLIC_KEY_SUFFIX)} does not belong "
+                                f"to the signing secret in {path}: copy the matching .key there")
+        return seed
 
 
 # ---------------------------------------------------------------------------- ZAP

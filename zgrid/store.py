@@ -1,9 +1,9 @@
 """A node's own durable state in its data directory (stdlib sqlite3, WAL, synchronous=FULL).
 
 What it is for: the runtime saves the core's `PersistedState` (id, incarnation, production,
-consumption, siblings) and acknowledges a `set`/`link`/`unlink` only after `Store.save` has
-returned, so nothing acknowledged is ever lost; after a restart `Store.load` gives the node back
-its last state.
+consumption, siblings, the siblings it unlinked) and acknowledges a `set`/`link`/`unlink`
+only after `Store.save` has returned, so nothing acknowledged is ever lost; after a restart
+`Store.load` gives the node back its last state.
 
 Guarantees:
 - Durability: one SQLite transaction per save, in WAL mode with synchronous=FULL, so the WAL is
@@ -15,6 +15,12 @@ Guarantees:
   when the process dies, so a crashed node never leaves a stale lock behind.
 - Refusal: a data dir of another node id, of an unknown schema version, or holding a file that
   is not a readable zgrid database is refused with a StoreError saying what to do.
+- Storage failures are not corruption: when the disk is full, the filesystem read-only, the
+  files not writable or the disk reports an I/O error, `open` and `save` raise
+  `StorageFailure` (a StoreError), whose message says how to fix the storage and never to move
+  the state aside: that state is intact, and moving it would throw it away. Only evidence that
+  the file itself is damaged (SQLite's CORRUPT/NOTADB, a failed integrity check, values that
+  cannot be ours) gets the "unreadable or corrupt ... move aside" message.
 
 What it must never do: import zmq or know about the protocol; write anywhere but its own data
 dir; return (or let the node acknowledge) before the state is durable; silently "repair" a
@@ -24,6 +30,7 @@ database it cannot read (that would lose acknowledged state: the operator decide
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -33,11 +40,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from zgrid.errors import StoreError
+from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
 from zgrid.wire import check_node_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this zgrid upgrades in place when it opens them (1: no `unlinked` column).
+UPGRADABLE_SCHEMA_VERSIONS = frozenset({1})
 # PRAGMA application_id marks the file as ours, so a foreign SQLite file is refused, not reused.
 APPLICATION_ID = 0x7A677264  # b"zgrd"
 DB_FILE_NAME = "state.sqlite3"
@@ -48,27 +57,44 @@ LOCK_FILE_MODE = 0o600
 SQLITE_BUSY_TIMEOUT_S = 0.0
 
 _STATE_ROW_ID = 1  # the state is a single row: one UPDATE per save, one page in the WAL
+# SQLite reports a -shm file that cannot grow on a full disk as SQLITE_IOERR_SHMSIZE, not as
+# SQLITE_FULL: an I/O error with less free space than this is taken for a full disk.
+LOW_SPACE_BYTES = 64 * 1024
+_SQLITE_PRIMARY_CODE_MASK = 0xFF  # an extended result code's low byte is its primary code
+# Primary codes that blame the storage (space, permissions, the device), not the file.
+_STORAGE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
+                            sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM})
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_OS_STORAGE_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk full",
+                      errno.EROFS: "read-only filesystem", errno.EACCES: "not writable",
+                      errno.EPERM: "not writable", errno.EIO: "I/O error"}
 
 
 class Store:
     """The durable state of one node; use `Store.open`, then `load`/`save`, then `close`."""
 
     def __init__(self, data_dir: Path, node_id: str, lock_fd: int,
-                 db: sqlite3.Connection) -> None:
+                 db: sqlite3.Connection, fail_saves_while: Path | None = None) -> None:
         # Private: `Store.open` acquires the lock and validates the database first.
         self.data_dir = data_dir
         self.node_id = node_id
         self._lock_fd: int | None = lock_fd
         self._db: sqlite3.Connection | None = db
+        self._fail_saves_while = fail_saves_while
 
     # ------------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, data_dir: Path, node_id: str) -> Store:
+    def open(cls, data_dir: Path, node_id: str, *,
+             fail_saves_while: Path | None = None) -> Store:
         """Lock `data_dir` (creating it 0700 if missing) and open or create its database.
 
         Raises StoreError if another process holds the dir, or the database belongs to another
-        node id, has an unknown schema version, or cannot be read.
+        node id, has an unknown schema version, or cannot be read; StorageFailure if the
+        storage (space, permissions, the device) is what fails.
+
+        fail_saves_while: testing only. While this path exists, every `save` fails with the
+        error SQLite gives for a full disk, so tests can fill the disk without filling one.
         """
         check_node_id(node_id, lambda why: StoreError(f"node id {why}"))
         data_dir = Path(data_dir)
@@ -79,7 +105,7 @@ class Store:
         except BaseException:
             os.close(lock_fd)  # releases the flock
             raise
-        return cls(data_dir, node_id, lock_fd, db)
+        return cls(data_dir, node_id, lock_fd, db, fail_saves_while)
 
     def close(self) -> None:
         """Close the database, then release the lock. Idempotent."""
@@ -105,10 +131,10 @@ class Store:
         db = self._connection()
         try:
             row = db.execute(
-                "SELECT incarnation, production, consumption, siblings FROM state WHERE id = ?",
-                (_STATE_ROW_ID,)).fetchone()
+                "SELECT incarnation, production, consumption, siblings, unlinked FROM state"
+                " WHERE id = ?", (_STATE_ROW_ID,)).fetchone()
         except sqlite3.Error as e:
-            raise self._corrupt(f"cannot read the state: {e}") from e
+            raise _open_failure(self.data_dir, e, "read") from e
         if row is None:
             return None
         return self._decode_row(row)
@@ -116,7 +142,9 @@ class Store:
     def save(self, state: PersistedState) -> None:
         """Write `state` durably; returns only once it survives a crash or power loss.
 
-        On StoreError nothing was changed on disk, and the caller must not acknowledge.
+        On StoreError nothing was changed on disk, and the caller must not acknowledge. It is
+        a StorageFailure whenever SQLite refused the write (disk full, read-only, I/O error, a
+        damaged file): the state on disk is still the last one saved.
         """
         if state.node_id != self.node_id:
             raise StoreError(f"refusing to save the state of node {state.node_id!r} in the data "
@@ -124,20 +152,22 @@ class Store:
         _check_state(state)
         db = self._connection()
         siblings = json.dumps(list(state.siblings), separators=(",", ":"))
+        unlinked = json.dumps(list(state.unlinked), separators=(",", ":"))
         try:
             # BEGIN IMMEDIATE: take the write lock up front, so a failure cannot come half-way.
             db.execute("BEGIN IMMEDIATE")
             db.execute(
-                "INSERT OR REPLACE INTO state (id, incarnation, production, consumption, siblings)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO state (id, incarnation, production, consumption, siblings,"
+                " unlinked) VALUES (?, ?, ?, ?, ?, ?)",
                 (_STATE_ROW_ID, state.incarnation, state.production, state.consumption,
-                 siblings))
+                 siblings, unlinked))
+            if self._fail_saves_while is not None and self._fail_saves_while.exists():
+                raise _simulated_full_disk()
             db.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            raise StoreError(f"cannot save the node state in {self.data_dir}: {e} "
-                             "(is the disk full or read-only?)") from e
+            raise _save_failure(self.data_dir, e) from e
 
     # ------------------------------------------------------------------------ helpers
 
@@ -150,21 +180,27 @@ class Store:
         return StoreError(_corrupt_message(self.data_dir, why))
 
     def _decode_row(self, row: tuple[Any, ...]) -> PersistedState:
-        incarnation, production, consumption, siblings_json = row
-        try:
-            siblings = json.loads(siblings_json)
-        except (TypeError, ValueError) as e:
-            raise self._corrupt(f"the siblings column is not JSON: {e}") from e
-        if not (isinstance(siblings, list) and all(isinstance(s, str) for s in siblings)):
-            raise self._corrupt("the siblings column is not a list of strings")
+        incarnation, production, consumption, siblings_json, unlinked_json = row
+        siblings = self._decode_addresses("siblings", siblings_json)
+        unlinked = self._decode_addresses("unlinked", unlinked_json)
         state = PersistedState(
             node_id=self.node_id, incarnation=incarnation, production=production,
-            consumption=consumption, siblings=tuple(siblings))
+            consumption=consumption, siblings=siblings, unlinked=unlinked)
         try:
             _check_state(state)
         except StoreError as e:
             raise self._corrupt(e.message) from e
         return state
+
+
+    def _decode_addresses(self, column: str, text: Any) -> tuple[str, ...]:
+        try:
+            addresses = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise self._corrupt(f"the {column} column is not JSON: {e}") from e
+        if not (isinstance(addresses, list) and all(isinstance(s, str) for s in addresses)):
+            raise self._corrupt(f"the {column} column is not a list of strings")
+        return tuple(addresses)
 
 
 # ---------------------------------------------------------------------------- module helpers
@@ -174,6 +210,102 @@ def _corrupt_message(data_dir: Path, why: str) -> str:
     return (f"the node state in {data_dir / DB_FILE_NAME} is unreadable or corrupt ({why}); "
             f"move {data_dir} aside and restart: the node then comes back with a higher "
             "incarnation, but its production, consumption and siblings must be set again")
+
+
+def _primary_code(error: sqlite3.Error) -> int:
+    code: int = getattr(error, "sqlite_errorcode", 0) or 0
+    return code & _SQLITE_PRIMARY_CODE_MASK
+
+
+def _storage_cause(data_dir: Path, error: sqlite3.Error) -> str | None:
+    """What is wrong with the storage under `data_dir`, in a few words; None if `error` does
+    not blame the storage (then it may be the file itself)."""
+    primary = _primary_code(error)
+    if primary == sqlite3.SQLITE_FULL:
+        return "disk full"
+    if primary not in _STORAGE_CODES:
+        return None
+    # SQLite does not say which errno was behind an I/O or open error: ask the filesystem.
+    try:
+        fs = os.statvfs(data_dir)
+    except OSError:
+        fs = None
+    if fs is not None and fs.f_flag & os.ST_RDONLY:
+        return "read-only filesystem"
+    if fs is not None and fs.f_bavail * fs.f_frsize < LOW_SPACE_BYTES:
+        return "disk full"
+    paths = [data_dir, *(data_dir / f"{DB_FILE_NAME}{suffix}" for suffix in ("", "-wal", "-shm"))]
+    if any(p.exists() and not os.access(p, os.W_OK) for p in paths):
+        return "not writable"
+    if primary == sqlite3.SQLITE_READONLY:
+        return "read-only"
+    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return "cannot open files"
+    return "I/O error"
+
+
+def _storage_advice(data_dir: Path, cause: str) -> str:
+    """What the operator should do about `cause` (from `_storage_cause`)."""
+    if cause == "disk full":
+        return f"free space on the filesystem holding {data_dir}"
+    if cause == "read-only filesystem":
+        return f"remount the filesystem holding {data_dir} read-write"
+    if cause in ("not writable", "read-only", "cannot open files"):
+        return (f"give this process (uid {os.getuid()}) write access to {data_dir} and the "
+                "files in it")
+    return f"check the disk holding {data_dir} (the kernel log says more)"
+
+
+def _save_failure(data_dir: Path, error: sqlite3.Error) -> StorageFailure:
+    cause = _storage_cause(data_dir, error)
+    if cause is not None:
+        return StorageFailure(f"{cause}: cannot save the node state in {data_dir} (SQLite: "
+                              f"{error}); {_storage_advice(data_dir, cause)}", cause)
+    if _primary_code(error) in _CORRUPT_CODES:
+        return StorageFailure(f"damaged state file: cannot save the node state in "
+                              f"{data_dir / DB_FILE_NAME} (SQLite: {error}); the node runs on "
+                              "with its last saved state in memory: restore the file from a "
+                              "backup, or stop the node and start it on a fresh --data-dir",
+                              "damaged state file")
+    name = getattr(error, "sqlite_errorname", "unknown")
+    return StorageFailure(f"cannot save the node state in {data_dir} (SQLite: {error}, "
+                          f"{name})", "cannot save")
+
+
+def _open_failure(data_dir: Path, error: sqlite3.Error, doing: str = "open") -> StoreError:
+    """The error for a database that cannot be opened or read: a StorageFailure, corruption,
+    or neither (then no advice to move anything: nothing shows the state is damaged)."""
+    path = data_dir / DB_FILE_NAME
+    cause = _storage_cause(data_dir, error)
+    if cause is not None:
+        return StorageFailure(
+            f"{cause}: cannot {doing} the node state in {path} (SQLite: {error}); "
+            f"{_storage_advice(data_dir, cause)}, then start the node again. This is a storage "
+            f"problem, not a damaged state: do not move {data_dir} aside (that would throw its "
+            "saved state away)", cause)
+    if _primary_code(error) in _CORRUPT_CODES:
+        return StoreError(_corrupt_message(data_dir, str(error)))
+    name = getattr(error, "sqlite_errorname", "unknown")
+    return StoreError(f"cannot {doing} the node state in {path}: SQLite says {error} ({name}); "
+                      f"nothing shows that the state is damaged, so keep {data_dir} as it is "
+                      "and find the cause")
+
+
+def _os_failure(what: str, path: Path, error: OSError, advice: str, data_dir: Path
+                ) -> StoreError:
+    cause = _OS_STORAGE_CAUSES.get(error.errno or 0)
+    if cause is None:
+        return StoreError(f"{what} {path}: {error.strerror}; {advice}")
+    return StorageFailure(f"{cause}: {what} {path}: {error.strerror}; "
+                          f"{_storage_advice(data_dir, cause)}", cause)
+
+
+def _simulated_full_disk() -> sqlite3.OperationalError:
+    """Exactly what sqlite3 raises when a write finds the disk full (the test hook's error)."""
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    error.sqlite_errorname = "SQLITE_FULL"
+    return error
 
 
 def _check_state(state: PersistedState) -> None:
@@ -188,6 +320,8 @@ def _check_state(state: PersistedState) -> None:
             raise StoreError(f"{name} must be a finite float >= 0, got {value!r}")
     if not all(isinstance(s, str) for s in state.siblings):
         raise StoreError(f"siblings must be strings, got {state.siblings!r}")
+    if not all(isinstance(s, str) for s in state.unlinked):
+        raise StoreError(f"unlinked must be strings, got {state.unlinked!r}")
 
 
 def _make_data_dir(data_dir: Path) -> None:
@@ -201,8 +335,8 @@ def _make_data_dir(data_dir: Path) -> None:
             raise StoreError(f"data dir {data_dir} exists and is not a directory: "
                              "pass another --data-dir") from None
     except OSError as e:
-        raise StoreError(f"cannot create data dir {data_dir}: {e.strerror}; "
-                         "pass a writable --data-dir") from e
+        raise _os_failure("cannot create data dir", data_dir, e,
+                          "pass a writable --data-dir", data_dir) from e
     _fsync_dir(data_dir.parent)  # the new directory entry itself must survive a power loss
 
 
@@ -224,8 +358,8 @@ def _acquire_lock(data_dir: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
     except OSError as e:
-        raise StoreError(f"cannot open the lock file {path}: {e.strerror}; "
-                         "check the permissions of the data dir") from e
+        raise _os_failure("cannot open the lock file", path, e,
+                          "check the permissions of the data dir", data_dir) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -260,7 +394,7 @@ def _open_database(data_dir: Path, node_id: str) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per save.
         db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
     except sqlite3.Error as e:
-        raise StoreError(_corrupt_message(data_dir, str(e))) from e
+        raise _open_failure(data_dir, e) from e
     try:
         _configure(db, data_dir)
         _check_or_create_schema(db, data_dir, node_id)
@@ -278,7 +412,7 @@ def _configure(db: sqlite3.Connection, data_dir: Path) -> None:
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         db.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as e:
-        raise StoreError(_corrupt_message(data_dir, str(e))) from e
+        raise _open_failure(data_dir, e) from e
     if str(mode).lower() != "wal":
         raise StoreError(f"cannot put {data_dir / DB_FILE_NAME} in WAL mode (got {mode!r}); "
                          "the data dir must be on a local filesystem")
@@ -292,7 +426,7 @@ def _check_or_create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str
         tables = {name for (name,) in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as e:
-        raise StoreError(_corrupt_message(data_dir, str(e))) from e
+        raise _open_failure(data_dir, e) from e
     if check != "ok":
         raise StoreError(_corrupt_message(data_dir, f"integrity check: {check}"))
     path = data_dir / DB_FILE_NAME
@@ -302,19 +436,35 @@ def _check_or_create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str
     if app_id != APPLICATION_ID:
         raise StoreError(f"{path} is an SQLite file but not a zgrid node state; "
                          "pass another --data-dir or move that file away")
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION and version not in UPGRADABLE_SCHEMA_VERSIONS:
         raise StoreError(f"{path} has schema version {version}, this zgrid reads only version "
                          f"{SCHEMA_VERSION}: run the zgrid version that wrote it, or move "
                          f"{data_dir} aside (the node then starts with no saved state)")
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
     except sqlite3.Error as e:
-        raise StoreError(_corrupt_message(data_dir, str(e))) from e
+        raise _open_failure(data_dir, e) from e
     if row is None or not isinstance(row[0], str):
         raise StoreError(_corrupt_message(data_dir, "no node id recorded"))
     if row[0] != node_id:
         raise StoreError(f"data dir {data_dir} holds the state of node {row[0]!r}, not "
                          f"{node_id!r}: pass --id {row[0]} or another --data-dir")
+    if version == 1:
+        _upgrade_from_1(db, data_dir)
+
+
+def _upgrade_from_1(db: sqlite3.Connection, data_dir: Path) -> None:
+    """Version 1 had no `unlinked` column: add it, empty. One transaction (SQLite's ALTER
+    TABLE and user_version are transactional), so a kill -9 leaves version 1 or version 2."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except sqlite3.Error as e:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise _open_failure(data_dir, e, "upgrade") from e
 
 
 def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None:
@@ -325,7 +475,8 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
         db.execute(
             "CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 1),"
             " incarnation INTEGER NOT NULL, production REAL NOT NULL,"
-            " consumption REAL NOT NULL, siblings TEXT NOT NULL)")
+            " consumption REAL NOT NULL, siblings TEXT NOT NULL,"
+            " unlinked TEXT NOT NULL DEFAULT '[]')")
         # Pragmas are transactional when set inside the transaction that creates the schema:
         # a kill -9 leaves either an empty file (created again next time) or all of it.
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -334,4 +485,4 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
     except sqlite3.Error as e:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
-        raise StoreError(f"cannot create the node state in {data_dir}: {e}") from e
+        raise _open_failure(data_dir, e, "create") from e

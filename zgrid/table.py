@@ -19,7 +19,7 @@ core does), or do I/O of any kind. Time comes in as an argument.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from types import MappingProxyType
 from weakref import WeakValueDictionary
@@ -63,19 +63,22 @@ class Merge(Enum):
     NEW = "new"  # stored: it is newer than what we held (or the first of its origin)
     STALE = "stale"  # we hold this version or a newer one
     FORGOTTEN = "forgotten"  # a stale copy of an origin we forgot on purpose
-    FULL = "full"  # a new origin, but the table holds `max_nodes` already
+    FULL = "full"  # a new origin, but the table holds `max_nodes` reachable origins already
+    UNVERIFIED = "unverified"  # newer than what we held, but `verify` refused it
 
 
 class AdvertTable:
     """The adverts one node holds, keyed by origin. `owner` is the node holding the table."""
 
     __slots__ = ("_adverts", "_island", "_island_dirty", "_tombstones", "_units_consumption",
-                 "_units_production", "_unreachable_since", "hash", "max_nodes", "owner")
+                 "_units_production", "_unreachable_since", "evicted", "hash", "max_nodes",
+                 "owner")
 
     def __init__(self, owner: str, max_nodes: int) -> None:
         self.owner = owner
         self.max_nodes = max_nodes
         self.hash = 0  # XOR of entry_hash over every stored advert
+        self.evicted = 0  # unreachable adverts dropped to make room for a new origin
         self._adverts: dict[str, Advert] = {}
         self._island: frozenset[str] = frozenset({owner})
         self._island_dirty = True
@@ -153,21 +156,58 @@ class AdvertTable:
 
     # ------------------------------------------------------------------------ writing
 
-    def merge(self, a: Advert) -> Merge:
-        """Store `a` iff it is newer than the version held. The hot path of the protocol: every
-        advert of every message passes here, so it does O(1) work."""
+    def merge(self, a: Advert, verify: Callable[[Advert], bool] | None = None) -> Merge:
+        """Store `a` iff it is newer than the version held (and `verify`, if given, accepts it:
+        it is asked only about versions that would be stored). The hot path of the protocol:
+        every advert of every message passes here, so it does O(1) work."""
         old = self._adverts.get(a.origin)
+        victim: str | None = None
         if old is None:
             tomb = self._tombstones.get(a.origin)
             if tomb is not None and (a.incarnation, a.seq) <= tomb[0]:
                 return Merge.FORGOTTEN
             if len(self._adverts) >= self.max_nodes:
-                return Merge.FULL
+                # Full: an origin nobody in our island can reach makes room, or a peer that
+                # filled the table with unreachable inventions would keep real nodes out.
+                victim = self._unreachable_victim()
+                if victim is None:
+                    return Merge.FULL
         elif a.incarnation < old.incarnation or (
                 a.incarnation == old.incarnation and a.seq <= old.seq):
             return Merge.STALE
+        if verify is not None and not verify(a):
+            return Merge.UNVERIFIED
+        if victim is not None:
+            self._evict(victim)
         self._store(a, old)
         return Merge.NEW
+
+    def _unreachable_victim(self) -> str | None:
+        """What a full table drops for a new origin: the origin unreachable the longest (as
+        `forget` dated it), else the oldest unreachable one; None if every origin is reachable.
+
+        Reachability is the island last computed, not a fresh one: recomputing it (O(N)) for
+        every new origin would let a flood of adverts cost O(N) each. At worst an origin that
+        has just become reachable is dropped, and anti-entropy brings it back.
+        """
+        island, adverts = self._island, self._adverts
+        if len(island) >= len(adverts):  # a full table of reachable origins: nothing to scan
+            return None
+        for origin in self._unreachable_since:
+            if origin not in island and origin in adverts:
+                return origin
+        for origin in adverts:
+            if origin not in island:
+                return origin
+        return None
+
+    def _evict(self, origin: str) -> None:
+        # No tombstone: it was dropped for room, not forgotten, and may be learned again. Not in
+        # the island, so the island and its totals stay as they are.
+        old = self._adverts.pop(origin)
+        self.hash ^= entry_hash(old)
+        self._unreachable_since.pop(origin, None)
+        self.evicted += 1
 
     def put(self, a: Advert) -> None:
         """Store `a` whatever is held: the owner's own new advert."""
@@ -187,6 +227,16 @@ class AdvertTable:
         elif not self._island_dirty and a.origin in self._island:
             self._units_production += exact_units(a.production) - exact_units(old.production)
             self._units_consumption += exact_units(a.consumption) - exact_units(old.consumption)
+
+    def discard(self, origin: str) -> None:
+        """Drop an origin's advert with no tombstone (a revoked member: nothing of it can be
+        stored again while its key is gone, and all of it may come back with the key)."""
+        old = self._adverts.pop(origin, None)
+        if old is None:
+            return
+        self.hash ^= entry_hash(old)
+        self._unreachable_since.pop(origin, None)
+        self._island_dirty = True
 
     def forget(self, now: float, forget_after_s: float) -> list[str]:
         """Drop origins unreachable for `forget_after_s` (leaving tombstones) and tombstones

@@ -35,6 +35,12 @@ MAX_DIGEST_ENTRIES = 40_000
 MAX_POWER_KW = 1e9  # a terawatt: larger than any single participant of any real grid
 MAX_COUNTER = 2**63 - 1  # incarnation and seq: int64 so clients in any language can hold them
 MAX_NONCE = 2**64 - 1
+# A unix socket path must fit sockaddr_un.sun_path (108 bytes on Linux, NUL included): a longer
+# ipc:// path makes ZeroMQ's connect fail, so it is refused as a value, before any socket exists.
+MAX_IPC_PATH_BYTES = 107
+SIGNATURE_BYTES = 64  # Ed25519
+# Signed bytes start with this, so an advert signature can never be replayed as anything else.
+SIGNING_CONTEXT = b"zgrid-advert-v1\x00"
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _ENDPOINT_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})|ipc://.+")
@@ -85,10 +91,21 @@ class Advert:
     links: tuple[str, ...]  # sorted ids of the siblings the origin has an UP link with
     endpoint: str
     nonce: int  # random per process: tells a restart (old nonce, silent) from a duplicate id
+    signature: bytes = b""  # Ed25519 by the origin over `signed_bytes()`; empty without keys
 
     @property
     def version(self) -> tuple[int, int]:
         return (self.incarnation, self.seq)
+
+    def signed_bytes(self) -> bytes:
+        """What the origin signs: SIGNING_CONTEXT, then the msgpack array of every field but
+        the signature, in wire order (floats as float64, the shortest form of every int and
+        string: msgpack's own rules), as docs/protocol.md specifies for other implementations.
+        """
+        row = [self.origin, self.incarnation, self.seq, float(self.production),
+               float(self.consumption), list(self.links), self.endpoint, self.nonce]
+        packed: bytes = msgpack.packb(row, use_bin_type=True)
+        return SIGNING_CONTEXT + packed
 
     @property
     def net(self) -> float:
@@ -108,6 +125,10 @@ class Hello:
     ack: bool
     digest: Digest = field(default_factory=dict)
     dialed: str = ""  # request: the endpoint the sender dialed; ack: echoed from the request
+    # request: a challenge only the node at `dialed` can see; ack: echoed from the request, so
+    # it proves that the acknowledging node receives at the endpoint the requester dialed
+    token: int = 0
+    linking: bool = False  # request: the sender's operator asked for this link (`link`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +235,11 @@ PEER_TYPES = frozenset(
 
 
 def _advert_row(a: Advert) -> list[Any]:
-    return [a.origin, a.incarnation, a.seq, a.production, a.consumption, list(a.links),
-            a.endpoint, a.nonce]
+    row = [a.origin, a.incarnation, a.seq, a.production, a.consumption, list(a.links),
+           a.endpoint, a.nonce]
+    if a.signature:
+        row.append(a.signature)
+    return row
 
 
 def _digest_map(d: Digest) -> dict[str, list[int]]:
@@ -229,7 +253,7 @@ def to_wire(msg: Message) -> dict[str, Any]:
         case Hello():
             return {"v": v, "t": "hello", "from": msg.sender, "n": msg.nonce,
                     "endpoint": msg.endpoint, "ack": msg.ack, "digest": _digest_map(msg.digest),
-                    "dialed": msg.dialed}
+                    "dialed": msg.dialed, "token": msg.token, "linking": msg.linking}
         case Adverts():
             return {"v": v, "t": "adverts", "from": msg.sender, "n": msg.nonce,
                     "adverts": [_advert_row(a) for a in msg.adverts]}
@@ -298,7 +322,7 @@ def decode_raw(frame: bytes) -> Any:
             ext_hook=_no_ext,
             timestamp=0,
             max_str_len=MAX_FRAME_BYTES,
-            max_bin_len=0,  # the protocol has no binary fields
+            max_bin_len=SIGNATURE_BYTES,  # the only binary field is an advert's signature
             max_array_len=MAX_DIGEST_ENTRIES,
             max_map_len=MAX_DIGEST_ENTRIES,
             max_ext_len=0,
@@ -415,10 +439,13 @@ class _Fields:
         def fail(why: str) -> ProtocolError:
             return self._fail("adverts", f"item {i} {why}")
 
-        if not isinstance(row, list) or len(row) != 8:
+        if not isinstance(row, list) or len(row) not in (8, 9):
             raise fail("must be [origin, incarnation, seq, production, consumption, links, "
-                       "endpoint, nonce]")
-        origin, inc, seq, production, consumption, links, endpoint, nonce = row
+                       "endpoint, nonce] and optionally a signature")
+        origin, inc, seq, production, consumption, links, endpoint, nonce = row[:8]
+        signature = row[8] if len(row) == 9 else b""
+        if not isinstance(signature, bytes) or len(signature) not in (0, SIGNATURE_BYTES):
+            raise fail(f"signature must be binary of {SIGNATURE_BYTES} bytes")
         if not isinstance(links, list) or len(links) > MAX_LINKS_PER_ADVERT:
             raise fail(f"links must be a list of at most {MAX_LINKS_PER_ADVERT} ids")
         for x in links:
@@ -435,12 +462,17 @@ class _Fields:
             links=link_ids,
             endpoint=check_endpoint(endpoint, fail),
             nonce=_uint(nonce, MAX_NONCE, fail),
+            signature=signature,
         )
 
 
 def _hello(f: _Fields) -> Hello:
+    # token and linking are optional: a HELLO without them asks for no proof and no new link
+    token = f.uint("token", MAX_NONCE) if f.obj.get("token") is not None else 0
+    linking = f.boolean("linking") if f.obj.get("linking") is not None else False
     return Hello(f.node_id("from"), f.uint("n", MAX_NONCE), f.endpoint("endpoint"),
-                 f.boolean("ack"), f.digest("digest"), f.optional_endpoint("dialed"))
+                 f.boolean("ack"), f.digest("digest"), f.optional_endpoint("dialed"), token,
+                 linking)
 
 
 def _adverts(f: _Fields) -> Adverts:
@@ -568,6 +600,9 @@ def check_endpoint(value: Any, fail: Fail = _default_fail) -> str:
         raise fail(f"must be an endpoint like tcp://127.0.0.1:5001, got {value!r}")
     if value.startswith("tcp://") and not 0 < int(value.rsplit(":", 1)[1]) < 65536:
         raise fail(f"has a port out of range 1..65535: {value!r}")
+    if value.startswith("ipc://") and len(value[len("ipc://"):].encode()) > MAX_IPC_PATH_BYTES:
+        raise fail(f"has an ipc path longer than the {MAX_IPC_PATH_BYTES} bytes a unix socket "
+                   f"path may have: {value[:40]!r}...")
     if type(value) is str and len(_VALID_ENDPOINTS) < _MAX_REMEMBERED:
         _VALID_ENDPOINTS.add(value)
     return value

@@ -13,8 +13,9 @@ engine plays the runtime's part for thousands of cores in one process:
   then released in order);
 - effects: `Send`/`SendOnce` go to the network (network.py decides if and when they arrive),
   `Connect`/`Disconnect` keep the DEALER connections the runtime would have, `Persist` keeps
-  what a crash leaves behind, `Respond` collects control replies; `Log` and `Publish` are
-  dropped (nobody reads them in a simulation);
+  what a crash leaves behind (and is reported saved: a simulated disk never fails),
+  `Respond` collects control replies; `Log` and `Publish` are dropped (nobody reads them in a
+  simulation);
 - after a node has handled every event of one instant the engine calls `core.flush(now)` (the
   runtime's "drain the mailbox, then flush") and schedules `core.timer` at
   `core.next_deadline()`;
@@ -57,9 +58,11 @@ from zgrid.core import (
     Respond,
     Send,
     SendOnce,
+    Trust,
 )
 from zgrid.errors import ProtocolError
 from zgrid.persisted import PersistedState
+from zgrid.signing import AdvertSeal, Keyring, public_of
 from zgrid.sim.errors import SimError
 from zgrid.sim.measurement import (
     Agreement,
@@ -104,6 +107,9 @@ class Simulator:
     measure: attach the observers a scenario reports from (`convergence`, `trace`); without
     them `changes`, `trace_hash` and cold-start watching are unavailable and the hot path does
     no measurement work. Other observers can be added with `attach`.
+
+    signed: every node gets an Ed25519 key and signs its adverts, as with `zgrid-node --keys`
+    (every delivery counts as authenticated by its sender's key, as CURVE would make it).
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class Simulator:
         track_view: bool = False,
         track_crossings: bool = False,
         measure: bool = True,
+        signed: bool = False,
     ) -> None:
         if wire_mode not in WIRE_MODES:
             raise SimError(f"wire mode must be one of {', '.join(WIRE_MODES)}")
@@ -138,6 +145,16 @@ class Simulator:
         self._full_wire = wire_mode == "full"
         self.core_params = {"ping_interval_s": ping_interval_s, "dead_after_s": dead_after_s,
                             "forget_after_s": forget_after_s, "track_view": track_view}
+        self.signed = signed
+        self._seeds: list[bytes] = []
+        self._keyring: Keyring | None = None
+        self._members = frozenset(self.names)
+        if signed:
+            keys_rng = random.Random(seed)  # its own stream: signing keeps the event order
+            self._seeds = [keys_rng.randbytes(32) for _ in self.names]
+            self._keyring = Keyring({name: public_of(seed_bytes)
+                                     for name, seed_bytes in zip(self.names, self._seeds,
+                                                                 strict=True)})
 
         self.now = 0.0
         self.heap: list[Event] = []
@@ -207,6 +224,11 @@ class Simulator:
 
     # ------------------------------------------------------------------ node lifecycle
 
+    def _trust(self, i: int) -> Trust | None:
+        if self._keyring is None:
+            return None
+        return Trust(self._members, frozenset(), AdvertSeal(self._seeds[i], self._keyring))
+
     def _config(self, i: int) -> Config:
         return Config(self.names[i], self.endpoints[i], self.rng.getrandbits(64),
                       **self.core_params)  # type: ignore[arg-type]
@@ -223,7 +245,7 @@ class Simulator:
         config = self._config(i)
         if node_id is not None:
             config = replace(config, node_id=node_id)
-        core = self.cores[i] = Core(config)
+        core = self.cores[i] = Core(config, trust=self._trust(i))
         self._handle(i, core.start(self.now))
         if production or consumption:
             reply = self.control(i, SetRequest(production, consumption))
@@ -254,7 +276,8 @@ class Simulator:
             return
         if wiped:
             self.persisted[i] = None
-        core = self.cores[i] = Core(self._config(i), restored=self.persisted[i])
+        core = self.cores[i] = Core(self._config(i), restored=self.persisted[i],
+                                    trust=self._trust(i))
         self._handle(i, core.start(self.now))
 
     def freeze(self, i: int) -> None:
@@ -326,8 +349,14 @@ class Simulator:
         if core is None or self.frozen[i]:
             return None  # a dead or frozen process answers nothing
         before = len(self.replies)
-        self._handle(i, self._to_core(core, CONTROL_CLIENT, req))
+        self._handle(i, self._to_core(core, CONTROL_CLIENT, req, i))
         return self.replies[-1][2] if len(self.replies) > before else None
+
+    def inject(self, dst: int, src: int, message: wire.PeerMessage) -> None:
+        """Deliver `message`, encoded, to node `dst` now, as if node `src`'s connection carried
+        it: an attacker holding src's key (or anyone, in an unsigned grid). For adversarial
+        tests; the frame passes through decoding and the core's one door like any other."""
+        self._push(self.now, _DELIVER, dst, src, wire.encode(message))
 
     # ------------------------------------------------------------------ the true graph
 
@@ -480,7 +509,7 @@ class Simulator:
             frame = None
             msg, size = payload
         if not self.observers:
-            self._handle(dst, self._to_core(core, self.envelopes[src], msg))
+            self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
             return
         for notify in self._notify_hooks:
             notify(t, dst, src, msg, size, frame)
@@ -488,19 +517,23 @@ class Simulator:
         if len(paired) == 1:  # the usual case (Convergence): no lists on the hot path
             before, after = paired[0]
             token = before(t, dst, src, msg, size, frame)
-            self._handle(dst, self._to_core(core, self.envelopes[src], msg))
+            self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
             after(t, dst, src, msg, token)
             return
         tokens = [before(t, dst, src, msg, size, frame) for before, _ in paired]
-        self._handle(dst, self._to_core(core, self.envelopes[src], msg))
+        self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
         for (_, after), token in zip(paired, tokens, strict=True):
             after(t, dst, src, msg, token)
 
-    def _to_core(self, core: Core, sender: ClientId,
-                 message: wire.Message | ProtocolError) -> list[Effect]:
+    def _to_core(self, core: Core, sender: ClientId, message: wire.Message | ProtocolError,
+                 src: int) -> list[Effect]:
         """The one door through which anything that arrives enters a core (a peer's message,
-        the error decoding its frame, or a control request): the core decides what it is."""
-        return core.handle(sender, message, self.now)
+        the error decoding its frame, or a control request): the core decides what it is.
+        `src`: the node it comes from (signed: its key authenticated the connection; a control
+        request is made with the node's own key)."""
+        if not self.signed:
+            return core.handle(sender, message, self.now)
+        return core.handle(sender, message, self.now, self.names[src])
 
     # ------------------------------------------------------------------ effects
 
@@ -527,6 +560,8 @@ class Simulator:
                     self.connected[i].discard(j)
             elif kind is Persist:
                 self.persisted[i] = effect.state  # type: ignore[union-attr]
+                if core is not None:  # a simulated disk never fails: report every save done
+                    core.save_succeeded(effect.state, self.now)  # type: ignore[union-attr]
             elif kind is Respond:
                 self.replies.append((self.now, i, effect.reply))  # type: ignore[union-attr]
             elif kind is not Log and kind is not Publish:  # nobody reads a simulated log

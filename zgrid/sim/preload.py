@@ -19,6 +19,7 @@ import networkx as nx
 
 from zgrid.core import Core
 from zgrid.sim.engine import Simulator
+from zgrid.sim.errors import SimError
 from zgrid.table import AdvertTable
 from zgrid.wire import Advert
 
@@ -37,6 +38,9 @@ def preload_converged(sim: Simulator, edges: Sequence[tuple[int, int]],
     """Install, in fresh cores, the agreed state a cold start of `edges` with `values` leaves:
     every link UP, every core holding its island's current adverts (the same immutable
     `Advert` objects, shared, as with `--wire fast`), then `start` every core."""
+    if sim.signed:
+        raise SimError("a preloaded grid is not signed: run a signed simulation from a cold "
+                       "start")
     n = sim.n
     neighbors: list[list[int]] = [[] for _ in range(n)]
     for u, v in edges:
