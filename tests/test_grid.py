@@ -42,7 +42,9 @@ def test_status_json_has_the_documented_keys(grid: Grid) -> None:
     grid.wait_island([n1, n2])
     s = n1.ctl_json("status")
     for key in ("id", "endpoint", "production", "consumption", "net", "total_net",
-                "total_production", "total_consumption", "island", "siblings"):
+                "total_production", "total_consumption", "island", "siblings", "flex_up",
+                "price_up", "flex_down", "price_down", "activation_kw", "imbalance_kw",
+                "balanced_net_kw", "clearing_price", "shortfall_kw", "clearing_hash"):
         assert key in s, key
     assert (s["id"], s["endpoint"], s["net"], s["total_net"]) == ("n1", n1.endpoint, 20.0, 15.0)
     assert (s["total_production"], s["total_consumption"]) == (20.0, 5.0)
@@ -51,8 +53,10 @@ def test_status_json_has_the_documented_keys(grid: Grid) -> None:
                               "error": ""}]
     rows = n2.ctl_json("nodes")
     assert rows == [
-        {"id": "n1", "production": 20.0, "consumption": 0.0, "net": 20.0, "reachable": True},
-        {"id": "n2", "production": 0.0, "consumption": 5.0, "net": -5.0, "reachable": True},
+        {"id": "n1", "production": 20.0, "consumption": 0.0, "net": 20.0, "reachable": True,
+         "activation_kw": 0.0},
+        {"id": "n2", "production": 0.0, "consumption": 5.0, "net": -5.0, "reachable": True,
+         "activation_kw": 0.0},
     ]
 
 

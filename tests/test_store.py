@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from zgrid import store as store_module
 from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
 from zgrid.store import DB_FILE_NAME, LOCK_FILE_NAME, SCHEMA_VERSION, Store
+from zgrid.wire import NO_FLEX, Flex
 
 from conftest import SmallDisk
 
@@ -514,12 +516,35 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_state(data_dir: Pa
         s.save(_state(unlinked=("n4@tcp://127.0.0.1:5004",)))
     db = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         db.close()
     with Store.open(data_dir, "n1") as s:
         loaded = s.load()
     assert loaded is not None and loaded.unlinked == ("n4@tcp://127.0.0.1:5004",)
+
+
+def test_a_flexibility_offer_is_kept_exactly(data_dir: Path) -> None:
+    offer = Flex(5.0, 0.125, 2.5, -0.1)
+    with Store.open(data_dir, "n1") as s:
+        s.save(replace(_state(), flex=offer))
+    with Store.open(data_dir, "n1") as s:
+        loaded = s.load()
+    assert loaded is not None and loaded.flex == offer
+
+
+def test_a_version_2_store_is_upgraded_and_offers_nothing_until_told(data_dir: Path) -> None:
+    _write_version_1_store(data_dir, _state())
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)  # make it what version 2 wrote
+    try:
+        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        db.execute("PRAGMA user_version = 2")
+        db.commit()
+    finally:
+        db.close()
+    with Store.open(data_dir, "n1") as s:
+        loaded = s.load()
+    assert loaded is not None and loaded.flex == NO_FLEX and loaded == _state()
 
 
 def test_a_version_1_store_of_another_node_is_refused_and_not_upgraded(data_dir: Path) -> None:

@@ -56,6 +56,14 @@ def _fail(message: str, code: int) -> NoReturn:
               help="Initial production in kW (a node with saved state resumes its own).")
 @click.option("--consumption", type=float, default=0.0, show_default=True,
               help="Initial consumption in kW (a node with saved state resumes its own).")
+@click.option("--flex-up", type=float, default=0.0, show_default=True,
+              help="kW this node can raise its net by on request (Phase II balancing).")
+@click.option("--price-up", type=float, default=0.0, show_default=True,
+              help="Its price per kWh for raising its net.")
+@click.option("--flex-down", type=float, default=0.0, show_default=True,
+              help="kW this node can lower its net by on request.")
+@click.option("--price-down", type=float, default=0.0, show_default=True,
+              help="Its price per kWh for lowering its net (negative: it pays to).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the node keeps its state [default: ./.zgrid/ID].")
 @click.option("--ping-interval", type=click.FloatRange(min=0.01), default=0.25,
@@ -76,13 +84,14 @@ def _fail(message: str, code: int) -> NoReturn:
               hidden=True, metavar="FILE",
               help="Testing only: while FILE exists, every save fails as on a full disk.")
 def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[str, ...],
-              production: float, consumption: float, data_dir: Path | None,
+              production: float, consumption: float, flex_up: float, price_up: float,
+              flex_down: float, price_down: float, data_dir: Path | None,
               ping_interval: float, dead_after: float, forget_after: float,
               keys_dir: Path | None, log_level: str, drop_rate: float,
               crash_before_save: bool, fail_saves_while: Path | None) -> None:
     """Run one zgrid node in the foreground until SIGINT or SIGTERM."""
     from zgrid.node import Node, NodeSettings
-    from zgrid.wire import check_endpoint, check_node_id, check_power
+    from zgrid.wire import Flex, check_endpoint, check_node_id, check_power, check_price
 
     def usage(why: str) -> click.BadParameter:
         return click.BadParameter(why)
@@ -95,6 +104,10 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         raise usage("--bind on a wildcard address needs --advertise with a dialable endpoint")
     check_power(production, lambda why: usage(f"--production {why}"))
     check_power(consumption, lambda why: usage(f"--consumption {why}"))
+    flex = Flex(check_power(flex_up, lambda why: usage(f"--flex-up {why}")),
+                check_price(price_up, lambda why: usage(f"--price-up {why}")),
+                check_power(flex_down, lambda why: usage(f"--flex-down {why}")),
+                check_price(price_down, lambda why: usage(f"--price-down {why}")))
     if dead_after <= ping_interval:
         raise usage("--dead-after must be longer than --ping-interval")
 
@@ -104,7 +117,7 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         datefmt="%H:%M:%S")
     settings = NodeSettings(
         node_id=node_id, bind=bind, advertise=advertise, siblings=siblings,
-        production=production, consumption=consumption, data_dir=data_dir,
+        production=production, consumption=consumption, flex=flex, data_dir=data_dir,
         ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
         keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save,
         fail_saves_while=fail_saves_while)
@@ -184,9 +197,19 @@ def status(ctl: _Ctl) -> None:
         click.echo(f"{s['id']}  {s['endpoint']}  (incarnation {s['incarnation']})")
         click.echo(f"  production {_kw(s['production'])}   consumption "
                    f"{_kw(s['consumption'])}   net {s['net']:+.3f} kW")
+        if s.get("flex_up") or s.get("flex_down") or s.get("activation_kw"):
+            click.echo(f"  flex up {_kw(s['flex_up'])} at {s['price_up']:g}   down "
+                       f"{_kw(s['flex_down'])} at {s['price_down']:g}   activation "
+                       f"{s['activation_kw']:+.3f} kW")
         click.echo(f"grid: island of {s['island_size']}: {' '.join(s['island'])}")
         click.echo(f"  total_net {s['total_net']:+.3f} kW   production "
                    f"{_kw(s['total_production'])}   consumption {_kw(s['total_consumption'])}")
+        if "imbalance_kw" in s:  # an older node does not balance
+            price = "none" if s["clearing_price"] is None else f"{s['clearing_price']:g}"
+            short = (f"   SHORTFALL {_kw(s['shortfall_kw'])} ({s['shortfall']})"
+                     if s["shortfall_kw"] else "")
+            click.echo(f"  balancing: imbalance {s['imbalance_kw']:+.3f} kW -> balanced net "
+                       f"{s['balanced_net_kw']:+.3f} kW   price {price}{short}")
         click.echo("siblings:" if s["siblings"] else "siblings: none")
         for sib in s["siblings"]:
             note = f"  ({sib['error']})" if sib["error"] else ""
@@ -212,6 +235,24 @@ def set_(ctl: _Ctl, production: float | None, consumption: float | None) -> None
     ctl.emit(r, lambda: click.echo(
         f"production {_kw(r['production'])}  consumption {_kw(r['consumption'])}  "
         f"net {r['net']:+.3f} kW"))
+
+
+@ctl_main.command()
+@click.option("--up", "flex_up", type=float, help="kW the node can raise its net by.")
+@click.option("--price-up", type=float, help="Price per kWh for raising it.")
+@click.option("--down", "flex_down", type=float, help="kW the node can lower its net by.")
+@click.option("--price-down", type=float, help="Price per kWh for lowering it.")
+@pass_ctl
+def flex(ctl: _Ctl, flex_up: float | None, price_up: float | None, flex_down: float | None,
+         price_down: float | None) -> None:
+    """Change this node's flexibility offer (Phase II balancing)."""
+    if flex_up is None and price_up is None and flex_down is None and price_down is None:
+        raise click.UsageError("give at least one of --up, --price-up, --down, --price-down")
+    with ctl.client() as client:
+        r = client.flex(flex_up, price_up, flex_down, price_down)
+    ctl.emit(r, lambda: click.echo(
+        f"flex up {_kw(r['flex_up'])} at {r['price_up']:g}   down {_kw(r['flex_down'])} at "
+        f"{r['price_down']:g}"))
 
 
 @ctl_main.command()
@@ -253,7 +294,8 @@ def nodes(ctl: _Ctl) -> None:
     """Every node this node knows of."""
     with ctl.client() as client:
         rows = client.nodes()
-    public = [{k: row[k] for k in ("id", "production", "consumption", "net", "reachable")}
+    public = [{k: row[k] for k in ("id", "production", "consumption", "net", "reachable",
+                                   "activation_kw") if k in row}
               for row in rows]
 
     def human() -> None:

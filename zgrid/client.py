@@ -21,6 +21,7 @@ import zmq
 from zgrid.errors import ControlError, NoReply, ProtocolError
 from zgrid.wire import (
     ControlRequest,
+    FlexRequest,
     LinkRequest,
     NodesRequest,
     Reply,
@@ -74,6 +75,12 @@ class Client:
     def set(self, production: float | None = None, consumption: float | None = None
             ) -> dict[str, Any]:
         return self.request(SetRequest(production, consumption))
+
+    def flex(self, flex_up_kw: float | None = None, price_up: float | None = None,
+             flex_down_kw: float | None = None, price_down: float | None = None
+             ) -> dict[str, Any]:
+        """Change the node's plain offer; None keeps a field as it is."""
+        return self.request(FlexRequest(flex_up_kw, price_up, flex_down_kw, price_down))
 
     def link(self, address: str) -> dict[str, Any]:
         return self.request(LinkRequest(address))

@@ -72,13 +72,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
+from zgrid.clearing import Clearing, Offer, clear
 from zgrid.errors import ControlError, ProtocolError
 from zgrid.persisted import PersistedState
-from zgrid.table import AdvertTable, Merge
+from zgrid.table import AdvertTable, Merge, exact_units, from_units
 from zgrid.wire import (
     MAX_ADVERTS_PER_MESSAGE,
     MAX_COUNTER,
     MAX_LINKS_PER_ADVERT,
+    NO_FLEX,
     PEER_TYPES,
     Advert,
     Adverts,
@@ -87,6 +89,8 @@ from zgrid.wire import (
     ControlRequest,
     Digest,
     DigestMsg,
+    Flex,
+    FlexRequest,
     Hello,
     LinkRequest,
     Message,
@@ -99,6 +103,7 @@ from zgrid.wire import (
     UnlinkRequest,
     WatchRequest,
     check_power,
+    check_price,
     parse_sibling_address,
 )
 
@@ -417,10 +422,21 @@ def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]
         yield tuple(items[start:start + size])
 
 
-_CONTROL_REQUESTS = (StatusRequest, SetRequest, LinkRequest, UnlinkRequest, NodesRequest,
-                     WatchRequest)
+_CONTROL_REQUESTS = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
+                     NodesRequest, WatchRequest)
 _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
-_CHANGING_REQUESTS = (SetRequest, LinkRequest, UnlinkRequest)
+_CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
+
+
+def _offer(a: Advert) -> Offer:
+    f = a.flex or NO_FLEX
+    return Offer(a.origin, a.production, a.consumption, f.flex_up_kw, f.price_up,
+                 f.flex_down_kw, f.price_down)
+
+
+def _flex_body(f: Flex) -> dict[str, float]:
+    return {"flex_up": f.flex_up_kw, "price_up": f.price_up, "flex_down": f.flex_down_kw,
+            "price_down": f.price_down}
 
 
 class Core:
@@ -440,6 +456,9 @@ class Core:
         self.seq = 0
         self.production = restored.production if restored else 0.0
         self.consumption = restored.consumption if restored else 0.0
+        self.flex = restored.flex if restored else NO_FLEX  # our plain offer (Phase II)
+        self.activation_kw = 0.0  # what our clearing asks of us now; carried in our advert
+        self._clearing: tuple[tuple[int, frozenset[str]], Clearing] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
         self.siblings: dict[str, Sibling] = {}  # by endpoint
@@ -462,7 +481,7 @@ class Core:
         self._last_bad_signature_log = -math.inf
         self._bad_signatures_logged = 0
         self._watchers: dict[ClientId, float] = {}
-        self._published: tuple[int, int, frozenset[str]] | None = None
+        self._published: tuple[int, int, frozenset[str], int] | None = None
         self._next_ping = 0.0
         self._next_forget_check = config.forget_after_s / 10
         self._last_bad_log = -math.inf
@@ -533,7 +552,8 @@ class Core:
         # An unproved sibling is a stranger's claim: kept in memory, for a while, and no more.
         return PersistedState(self.id, self.incarnation, self.production, self.consumption,
                               tuple(sib.address for sib in self.siblings.values()
-                                    if sib.unproved_since is None), self._gate.addresses)
+                                    if sib.unproved_since is None), self._gate.addresses,
+                              self.flex)
 
     def membership_changed(self, trust: Trust, now: float) -> list[Effect]:
         """The keys directory was reloaded: drop links to members whose keys are gone (and
@@ -601,8 +621,10 @@ class Core:
                 out.append(Connect(endpoint, name))
         self._unsaved_siblings.clear()
         durable = self._durable
-        if (self.production, self.consumption) != (durable.production, durable.consumption):
+        if (self.production, self.consumption, self.flex) != (
+                durable.production, durable.consumption, durable.flex):
             self.production, self.consumption = durable.production, durable.consumption
+            self.flex = durable.flex
             self._bump()
         changed = why != self.storage_error
         self.storage_error = why
@@ -1143,6 +1165,8 @@ class Core:
                 return [], self.watch_view(now)
             case SetRequest():
                 return self._set(req)
+            case FlexRequest():
+                return self._flex(req)
             case LinkRequest():
                 return self._link(req.endpoint, now)
             case UnlinkRequest():
@@ -1162,6 +1186,24 @@ class Core:
         body = {"production": production, "consumption": consumption,
                 "net": production - consumption, "seq": self.seq}
         return [Persist(self.persisted_state())], body
+
+    def _flex(self, req: FlexRequest) -> tuple[list[Effect], dict[str, Any]]:
+        def refuse(why: str) -> ControlError:
+            return ControlError(why, "bad_value")
+
+        old = self.flex
+        flex = Flex(
+            old.flex_up_kw if req.flex_up_kw is None else check_power(
+                req.flex_up_kw, lambda why: refuse(f"flex_up {why}")),
+            old.price_up if req.price_up is None else check_price(
+                req.price_up, lambda why: refuse(f"price_up {why}")),
+            old.flex_down_kw if req.flex_down_kw is None else check_power(
+                req.flex_down_kw, lambda why: refuse(f"flex_down {why}")),
+            old.price_down if req.price_down is None else check_price(
+                req.price_down, lambda why: refuse(f"price_down {why}")))
+        self.flex = flex
+        self._bump()
+        return [Persist(self.persisted_state())], {**_flex_body(flex), "seq": self.seq}
 
     def _link(self, address: str, now: float) -> tuple[list[Effect], dict[str, Any]]:
         expected, endpoint = parse_sibling_address(
@@ -1354,8 +1396,11 @@ class Core:
     # ------------------------------------------------------------------------ flushing
 
     def flush(self, now: float) -> list[Effect]:
-        """One batched `adverts` message per sibling, then the view if it changed."""
+        """Apply our share of the clearing, then one batched `adverts` message per sibling,
+        then the view if it changed."""
         out = self._save_incarnation()
+        if self.flex.offered or self.activation_kw:
+            self._balance(now)
         shared: Adverts | None = None
         for sib in self.siblings.values():
             outbox = sib.outbox
@@ -1375,7 +1420,8 @@ class Core:
             outbox.clear()
         if self.config.track_view or self._watchers:
             units = self.table.exact_units(now)
-            key = (units[0], units[1], self.table.island(now))
+            island = self.table.island(now)
+            key = (units[0], units[1], island, self._activation_units(island))
             if key != self._published:
                 self._published = key
                 out.append(Publish(self.watch_view(now), tuple(self._watchers)))
@@ -1389,14 +1435,55 @@ class Core:
             self.incarnation, self.seq = self.incarnation + 1, 0
         links = tuple(sorted(sib.id for sib in self.siblings.values()
                              if sib.state is LinkState.UP and sib.id is not None))
+        offers = self.flex.offered or self.activation_kw != 0.0
         advert = Advert(self.id, self.incarnation, self.seq, self.production, self.consumption,
-                        links, self.config.endpoint, self.config.nonce)
+                        links, self.config.endpoint, self.config.nonce,
+                        flex=self.flex if offers else None, activation_kw=self.activation_kw)
         if self._seal is not None:
             advert = self._seal.sign(advert)
         self.table.put(advert)
         for sib in self.siblings.values():
             if sib.state is LinkState.UP:
                 sib.outbox[self.id] = advert
+
+    # ------------------------------------------------------------------------ balancing
+
+    def clearing(self, now: float) -> Clearing:
+        """The island's clearing (zgrid/clearing.py) over its members' base values and offers,
+        as every member computes it from the bit-identical table. Cached per table version."""
+        island = self.table.island(now)
+        key = (self.table.hash, island)
+        if self._clearing is not None and self._clearing[0] == key:
+            return self._clearing[1]
+        adverts = self.table.by_origin
+        offers = [_offer(adverts[x]) for x in island if x in adverts]
+        result = clear(offers)
+        self._clearing = (key, result)
+        return result
+
+    def _balance(self, now: float) -> None:
+        """Apply our own activation (and advertise it) when the clearing changed it. The
+        clearing reads base values and offers only, so applying it cannot feed back."""
+        activation = self.clearing(now).activation_kw(self.id)
+        if activation != self.activation_kw:
+            self.activation_kw = activation
+            self._bump()
+
+    def _activation_units(self, island: frozenset[str]) -> int:
+        """The exact sum of the activations the island's members say they apply."""
+        adverts = self.table.by_origin
+        return sum(exact_units(a.activation_kw) for x in island
+                   if (a := adverts.get(x)) is not None and a.activation_kw)
+
+    def balance_view(self, now: float) -> dict[str, Any]:
+        """The island's balancing: the imbalance of base values, the net once every member's
+        advertised activation is applied, and the clearing that asks for them."""
+        island = self.table.island(now)
+        c = self.clearing(now)
+        balanced = from_units(c.imbalance_units + self._activation_units(island))
+        return {"imbalance_kw": c.imbalance_kw, "balanced_net_kw": balanced,
+                "clearing_price": c.clearing_price, "shortfall_kw": c.shortfall_kw,
+                "shortfall": str(c.shortfall), "clearing_hash": c.hash}
 
     # ------------------------------------------------------------------------ views
 
@@ -1418,7 +1505,7 @@ class Core:
         total_net, total_production, total_consumption = self.table.totals(now)
         return {"id": self.id, "total_net": total_net, "total_production": total_production,
                 "total_consumption": total_consumption, "island_size": len(island),
-                "island": sorted(island)}
+                "island": sorted(island), **self.balance_view(now)}
 
     def status(self, now: float) -> dict[str, Any]:
         view = self.watch_view(now)
@@ -1428,6 +1515,8 @@ class Core:
             "production": self.production,
             "consumption": self.consumption,
             "net": self.production - self.consumption,
+            **_flex_body(self.flex),
+            "activation_kw": self.activation_kw,
             "incarnation": self.incarnation,
             "seq": self.seq,
             "siblings": [s.row() for s in self.siblings.values()],
@@ -1442,7 +1531,8 @@ class Core:
         return [{"id": a.origin, "production": a.production, "consumption": a.consumption,
                  "net": a.net, "reachable": a.origin in island, "endpoint": a.endpoint,
                  "incarnation": a.incarnation, "seq": a.seq, "links": list(a.links),
-                 "nonce": a.nonce}
+                 "nonce": a.nonce, **_flex_body(a.flex or NO_FLEX),
+                 "activation_kw": a.activation_kw}
                 for a in sorted(self.table, key=lambda a: a.origin)]
 
     def sibling(self, name: str) -> Sibling | None:

@@ -50,35 +50,15 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 from zgrid.clearing import price_milli
-from zgrid.wire import MAX_POWER_KW
+from zgrid.wire import MAX_ABS_PRICE, MAX_POWER_KW, Flex
 
 CONTROL_INTERVAL_S = 60.0  # a battery offers only what it can sustain for this long
 SECONDS_PER_HOUR = 3600.0
 MAX_CAPACITY_KWH = MAX_POWER_KW * 24.0  # a day at the largest power an advert may carry
-MAX_ABS_PRICE_PER_KWH = 1e6  # far beyond any market's price cap; catches a typo in kWh vs MWh
+MAX_ABS_PRICE_PER_KWH = MAX_ABS_PRICE  # the wire's limit: an offer must be advertisable
 RE_ADVERTISE_FRACTION = 0.01  # a flex change below 1% of the rating is not worth a flood
 
 
-@dataclass(frozen=True, slots=True)
-class Flex:
-    """A device's (or a node's) offer: how far it can move its net each way, and at what price."""
-
-    flex_up_kw: float = 0.0
-    price_up: float = 0.0
-    flex_down_kw: float = 0.0
-    price_down: float = 0.0
-
-    def __post_init__(self) -> None:
-        # A model with a bug must fail here, in its own name, not poison a clearing.
-        for name in ("flex_up_kw", "price_up", "flex_down_kw", "price_down"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name}: must be finite, got {getattr(self, name)!r}")
-        for name in ("flex_up_kw", "flex_down_kw"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
-
-
-NO_FLEX = Flex()
 
 
 def meaningful_change(old: Flex, new: Flex, rating_kw: float) -> bool:

@@ -55,7 +55,9 @@ from zgrid.signing import AdvertSeal, Keyring
 from zgrid.store import Store
 from zgrid.wire import (
     MAX_FRAME_BYTES,
+    NO_FLEX,
     Adverts,
+    Flex,
     Message,
     PeerMessage,
     Reply,
@@ -94,6 +96,7 @@ class NodeSettings:
     siblings: tuple[str, ...] = ()
     production: float = 0.0
     consumption: float = 0.0
+    flex: Flex = NO_FLEX  # the initial plain offer (a node with saved state resumes its own)
     data_dir: Path | None = None  # default ./.zgrid/<id>
     ping_interval_s: float = 0.25
     dead_after_s: float = 1.0
@@ -180,7 +183,8 @@ class Node:
         for address in s.siblings:
             parse_sibling_address(address, lambda why: StartupError(f"--sibling {why}"))
         if saved is None:
-            return PersistedState(s.node_id, 0, s.production, s.consumption, s.siblings)
+            return PersistedState(s.node_id, 0, s.production, s.consumption, s.siblings,
+                                  flex=s.flex)
         saved = replace(saved, siblings=tuple(a for a in saved.siblings if _valid_saved(a)))
         endpoints = {parse_sibling_address(a)[1] for a in saved.siblings}
         extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zgrid.wire import NO_FLEX, Flex
+
 
 @dataclass(frozen=True, slots=True)
 class PersistedState:
@@ -22,3 +24,4 @@ class PersistedState:
     # Siblings the operator unlinked, as addressed in `siblings` (oldest first, bounded): their
     # HELLOs are answered with `bye unlinked` until the operator links them again.
     unlinked: tuple[str, ...] = ()
+    flex: Flex = NO_FLEX  # the node's plain offer (Phase II), set by flags or `flex` requests

@@ -42,11 +42,13 @@ from typing import Any
 
 from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
-from zgrid.wire import check_node_id
+from zgrid.wire import Flex, check_node_id
 
-SCHEMA_VERSION = 2
-# Versions this zgrid upgrades in place when it opens them (1: no `unlinked` column).
-UPGRADABLE_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 3
+# Versions this zgrid upgrades in place when it opens them (1: no `unlinked` column, 2: no
+# `flex` column).
+UPGRADABLE_SCHEMA_VERSIONS = frozenset({1, 2})
+_NO_FLEX_JSON = "[0.0,0.0,0.0,0.0]"
 # PRAGMA application_id marks the file as ours, so a foreign SQLite file is refused, not reused.
 APPLICATION_ID = 0x7A677264  # b"zgrd"
 DB_FILE_NAME = "state.sqlite3"
@@ -131,7 +133,7 @@ class Store:
         db = self._connection()
         try:
             row = db.execute(
-                "SELECT incarnation, production, consumption, siblings, unlinked FROM state"
+                "SELECT incarnation, production, consumption, siblings, unlinked, flex FROM state"
                 " WHERE id = ?", (_STATE_ROW_ID,)).fetchone()
         except sqlite3.Error as e:
             raise _open_failure(self.data_dir, e, "read") from e
@@ -153,14 +155,17 @@ class Store:
         db = self._connection()
         siblings = json.dumps(list(state.siblings), separators=(",", ":"))
         unlinked = json.dumps(list(state.unlinked), separators=(",", ":"))
+        f = state.flex
+        flex = json.dumps([f.flex_up_kw, f.price_up, f.flex_down_kw, f.price_down],
+                          separators=(",", ":"))
         try:
             # BEGIN IMMEDIATE: take the write lock up front, so a failure cannot come half-way.
             db.execute("BEGIN IMMEDIATE")
             db.execute(
                 "INSERT OR REPLACE INTO state (id, incarnation, production, consumption, siblings,"
-                " unlinked) VALUES (?, ?, ?, ?, ?, ?)",
+                " unlinked, flex) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (_STATE_ROW_ID, state.incarnation, state.production, state.consumption,
-                 siblings, unlinked))
+                 siblings, unlinked, flex))
             if self._fail_saves_while is not None and self._fail_saves_while.exists():
                 raise _simulated_full_disk()
             db.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
@@ -179,13 +184,24 @@ class Store:
     def _corrupt(self, why: str) -> StoreError:
         return StoreError(_corrupt_message(self.data_dir, why))
 
+    def _decode_flex(self, text: Any) -> Flex:
+        try:
+            values = json.loads(text) if isinstance(text, str) else None
+            if not (isinstance(values, list) and len(values) == 4 and all(
+                    type(x) in (int, float) for x in values)):
+                raise ValueError(f"must be a list of 4 numbers, got {text!r}")
+            return Flex(*(float(x) for x in values))
+        except ValueError as e:
+            raise self._corrupt(f"flex {e}") from None
+
     def _decode_row(self, row: tuple[Any, ...]) -> PersistedState:
-        incarnation, production, consumption, siblings_json, unlinked_json = row
+        incarnation, production, consumption, siblings_json, unlinked_json, flex_json = row
         siblings = self._decode_addresses("siblings", siblings_json)
         unlinked = self._decode_addresses("unlinked", unlinked_json)
         state = PersistedState(
             node_id=self.node_id, incarnation=incarnation, production=production,
-            consumption=consumption, siblings=siblings, unlinked=unlinked)
+            consumption=consumption, siblings=siblings, unlinked=unlinked,
+            flex=self._decode_flex(flex_json))
         try:
             _check_state(state)
         except StoreError as e:
@@ -449,16 +465,20 @@ def _check_or_create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str
     if row[0] != node_id:
         raise StoreError(f"data dir {data_dir} holds the state of node {row[0]!r}, not "
                          f"{node_id!r}: pass --id {row[0]} or another --data-dir")
-    if version == 1:
-        _upgrade_from_1(db, data_dir)
+    if version != SCHEMA_VERSION:
+        _upgrade(db, data_dir, version)
 
 
-def _upgrade_from_1(db: sqlite3.Connection, data_dir: Path) -> None:
-    """Version 1 had no `unlinked` column: add it, empty. One transaction (SQLite's ALTER
-    TABLE and user_version are transactional), so a kill -9 leaves version 1 or version 2."""
+def _upgrade(db: sqlite3.Connection, data_dir: Path, version: int) -> None:
+    """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2), with
+    the values that mean "none". One transaction (SQLite's ALTER TABLE and user_version are
+    transactional), so a kill -9 leaves the old version or the new one."""
     try:
         db.execute("BEGIN IMMEDIATE")
-        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        if version < 2:
+            db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
+                   f"'{_NO_FLEX_JSON}'")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except sqlite3.Error as e:
@@ -476,7 +496,8 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
             "CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 1),"
             " incarnation INTEGER NOT NULL, production REAL NOT NULL,"
             " consumption REAL NOT NULL, siblings TEXT NOT NULL,"
-            " unlinked TEXT NOT NULL DEFAULT '[]')")
+            " unlinked TEXT NOT NULL DEFAULT '[]',"
+            f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}')")
         # Pragmas are transactional when set inside the transaction that creates the schema:
         # a kill -9 leaves either an empty file (created again next time) or all of it.
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")

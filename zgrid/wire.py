@@ -35,6 +35,7 @@ MAX_DIGEST_ENTRIES = 40_000
 MAX_POWER_KW = 1e9  # a terawatt: larger than any single participant of any real grid
 MAX_COUNTER = 2**63 - 1  # incarnation and seq: int64 so clients in any language can hold them
 MAX_NONCE = 2**64 - 1
+MAX_ABS_PRICE = 1e6  # per kWh: far beyond any market's price cap; catches kWh-vs-MWh typos
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes on Linux, NUL included): a longer
 # ipc:// path makes ZeroMQ's connect fail, so it is refused as a value, before any socket exists.
 MAX_IPC_PATH_BYTES = 107
@@ -58,6 +59,7 @@ class MessageType(StrEnum):
     # control client to node
     STATUS = "status"
     SET = "set"
+    FLEX = "flex"
     LINK = "link"
     UNLINK = "unlink"
     NODES = "nodes"
@@ -80,6 +82,34 @@ class ByeReason(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Flex:
+    """A node's (or a device's) offer: how far it can move its net each way, at what price per
+    kWh. Up raises its net (discharge, start a generator, shed load); down lowers it (charge,
+    curtail PV, switch on a load). A negative price_down: it would pay to go down."""
+
+    flex_up_kw: float = 0.0
+    price_up: float = 0.0
+    flex_down_kw: float = 0.0
+    price_down: float = 0.0
+
+    def __post_init__(self) -> None:
+        # A model with a bug must fail here, in its own name, not poison a clearing.
+        for name in ("flex_up_kw", "price_up", "flex_down_kw", "price_down"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: must be finite, got {getattr(self, name)!r}")
+        for name in ("flex_up_kw", "flex_down_kw"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def offered(self) -> bool:
+        return self.flex_up_kw > 0 or self.flex_down_kw > 0
+
+
+NO_FLEX = Flex()
+
+
+@dataclass(frozen=True, slots=True)
 class Advert:
     """One node's self-description; only its origin ever writes one (docs/design.md, rule 1)."""
 
@@ -92,6 +122,8 @@ class Advert:
     endpoint: str
     nonce: int  # random per process: tells a restart (old nonce, silent) from a duplicate id
     signature: bytes = b""  # Ed25519 by the origin over `signed_bytes()`; empty without keys
+    flex: Flex | None = None  # Phase II: the origin's offer (None: it offers nothing)
+    activation_kw: float = 0.0  # what the origin applies now, from its clearing (+ up, - down)
 
     @property
     def version(self) -> tuple[int, int]:
@@ -102,8 +134,10 @@ class Advert:
         the signature, in wire order (floats as float64, the shortest form of every int and
         string: msgpack's own rules), as docs/protocol.md specifies for other implementations.
         """
-        row = [self.origin, self.incarnation, self.seq, float(self.production),
-               float(self.consumption), list(self.links), self.endpoint, self.nonce]
+        row: list[Any] = [self.origin, self.incarnation, self.seq, float(self.production),
+                          float(self.consumption), list(self.links), self.endpoint, self.nonce]
+        if self.flex is not None:
+            row.append(_flex_row(self))
         packed: bytes = msgpack.packb(row, use_bin_type=True)
         return SIGNING_CONTEXT + packed
 
@@ -180,6 +214,17 @@ class SetRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FlexRequest:
+    """Change this node's plain offer; fields left None keep their value."""
+
+    flex_up_kw: float | None = None
+    price_up: float | None = None
+    flex_down_kw: float | None = None
+    price_down: float | None = None
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LinkRequest:
     endpoint: str  # "tcp://host:port" or "ID@tcp://host:port"
     rid: int | None = None
@@ -202,7 +247,8 @@ class WatchRequest:
 
 
 ControlRequest: TypeAlias = (
-    StatusRequest | SetRequest | LinkRequest | UnlinkRequest | NodesRequest | WatchRequest
+    StatusRequest | SetRequest | FlexRequest | LinkRequest | UnlinkRequest | NodesRequest
+    | WatchRequest
 )
 
 
@@ -234,10 +280,19 @@ PEER_TYPES = frozenset(
 # ----------------------------------------------------------------------------------- encoding
 
 
+def _flex_row(a: Advert) -> list[float]:
+    f = a.flex
+    assert f is not None
+    return [float(f.flex_up_kw), float(f.price_up), float(f.flex_down_kw), float(f.price_down),
+            float(a.activation_kw)]
+
+
 def _advert_row(a: Advert) -> list[Any]:
-    row = [a.origin, a.incarnation, a.seq, a.production, a.consumption, list(a.links),
-           a.endpoint, a.nonce]
-    if a.signature:
+    row: list[Any] = [a.origin, a.incarnation, a.seq, a.production, a.consumption,
+                      list(a.links), a.endpoint, a.nonce]
+    if a.flex is not None:  # the 10th element; the 9th is then present, empty if unsigned
+        row += [a.signature, _flex_row(a)]
+    elif a.signature:
         row.append(a.signature)
     return row
 
@@ -276,6 +331,13 @@ def to_wire(msg: Message) -> dict[str, Any]:
             if msg.consumption is not None:
                 out["consumption"] = msg.consumption
             return _with_rid(out, msg.rid)
+        case FlexRequest():
+            flex: dict[str, Any] = {"v": v, "t": "flex"}
+            for key, value in (("flex_up", msg.flex_up_kw), ("price_up", msg.price_up),
+                               ("flex_down", msg.flex_down_kw), ("price_down", msg.price_down)):
+                if value is not None:
+                    flex[key] = value
+            return _with_rid(flex, msg.rid)
         case LinkRequest():
             return _with_rid({"v": v, "t": "link", "endpoint": msg.endpoint}, msg.rid)
         case UnlinkRequest():
@@ -402,6 +464,11 @@ class _Fields:
             return None
         return check_power(self.obj[key], lambda why: self._fail(key, why))
 
+    def price(self, key: str) -> float | None:
+        if key not in self.obj or self.obj[key] is None:
+            return None
+        return check_price(self.obj[key], lambda why: self._fail(key, why))
+
     def string(self, key: str, max_chars: int) -> str:
         value = self.get(key)
         if not isinstance(value, str) or not 0 < len(value) <= max_chars:
@@ -439,13 +506,14 @@ class _Fields:
         def fail(why: str) -> ProtocolError:
             return self._fail("adverts", f"item {i} {why}")
 
-        if not isinstance(row, list) or len(row) not in (8, 9):
+        if not isinstance(row, list) or len(row) not in (8, 9, 10):
             raise fail("must be [origin, incarnation, seq, production, consumption, links, "
-                       "endpoint, nonce] and optionally a signature")
+                       "endpoint, nonce], then optionally a signature and a flex offer")
         origin, inc, seq, production, consumption, links, endpoint, nonce = row[:8]
-        signature = row[8] if len(row) == 9 else b""
+        signature = row[8] if len(row) >= 9 else b""
         if not isinstance(signature, bytes) or len(signature) not in (0, SIGNATURE_BYTES):
             raise fail(f"signature must be binary of {SIGNATURE_BYTES} bytes")
+        flex, activation = (None, 0.0) if len(row) < 10 else _flex_of(row[9], fail)
         if not isinstance(links, list) or len(links) > MAX_LINKS_PER_ADVERT:
             raise fail(f"links must be a list of at most {MAX_LINKS_PER_ADVERT} ids")
         for x in links:
@@ -463,6 +531,8 @@ class _Fields:
             endpoint=check_endpoint(endpoint, fail),
             nonce=_uint(nonce, MAX_NONCE, fail),
             signature=signature,
+            flex=flex,
+            activation_kw=activation,
         )
 
 
@@ -508,6 +578,29 @@ def _set(f: _Fields) -> SetRequest:
     return SetRequest(production, consumption, f.rid())
 
 
+def _flex(f: _Fields) -> FlexRequest:
+    up, down = f.power("flex_up"), f.power("flex_down")
+    price_up, price_down = f.price("price_up"), f.price("price_down")
+    if up is None and down is None and price_up is None and price_down is None:
+        raise ProtocolError("flex needs flex_up, price_up, flex_down or price_down",
+                            "bad_value")
+    return FlexRequest(up, price_up, down, price_down, f.rid())
+
+
+def _flex_of(value: Any, fail: Fail) -> tuple[Flex, float]:
+    if not isinstance(value, list) or len(value) != 5:
+        raise fail("flex must be [flex_up, price_up, flex_down, price_down, activation]")
+    up, price_up, down, price_down, activation = value
+    flex = Flex(check_power(up, lambda why: fail(f"flex_up {why}")),
+                check_price(price_up, lambda why: fail(f"price_up {why}")),
+                check_power(down, lambda why: fail(f"flex_down {why}")),
+                check_price(price_down, lambda why: fail(f"price_down {why}")))
+    if isinstance(activation, bool) or not isinstance(activation, int | float) or not (
+            math.isfinite(activation) and abs(activation) <= MAX_POWER_KW):
+        raise fail(f"activation must be a finite number of kW within +-{MAX_POWER_KW:g}")
+    return flex, float(activation)
+
+
 def _link(f: _Fields) -> LinkRequest:
     target = f.string("endpoint", MAX_ID_CHARS + 1 + MAX_ENDPOINT_CHARS)
     parse_sibling_address(target, lambda why: ProtocolError(why, "bad_value"))
@@ -544,6 +637,7 @@ _DECODERS: dict[MessageType, Any] = {
     MessageType.BYE: _bye,
     MessageType.STATUS: lambda f: StatusRequest(f.rid()),
     MessageType.SET: _set,
+    MessageType.FLEX: _flex,
     MessageType.LINK: _link,
     MessageType.UNLINK: _unlink,
     MessageType.NODES: lambda f: NodesRequest(f.rid()),
@@ -614,6 +708,16 @@ def check_power(value: Any, fail: Fail = _default_fail) -> float:
     number = float(value)
     if not math.isfinite(number) or not 0.0 <= number <= MAX_POWER_KW:
         raise fail(f"must be a finite number of kW in 0..{MAX_POWER_KW:g}, got {value!r}")
+    return number
+
+
+def check_price(value: Any, fail: Fail = _default_fail) -> float:
+    """A price per kWh: finite, within +-MAX_ABS_PRICE (negative: paid to take energy)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise fail(f"must be a number (price per kWh), got {_kind(value)}")
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > MAX_ABS_PRICE:
+        raise fail(f"must be a finite price within +-{MAX_ABS_PRICE:g} per kWh, got {value!r}")
     return number
 
 

@@ -1,0 +1,191 @@
+"""Phase II: the grid balances itself. Every member runs the same clearing over the same table
+and applies only its own activation; no coordinator, no extra round of messages.
+
+Simulator tests (virtual time, unmodified cores) and real processes driven by zgrid-ctl.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from zgrid.core import Core
+from zgrid.sim import Simulator, converged_sim
+from zgrid.table import AdvertTable
+from zgrid.wire import FlexRequest, SetRequest
+
+from conftest import Grid, NodeProc, ctl, wait_until
+
+SETTLE_S = 1.0  # virtual seconds: far longer than a flood across these grids
+
+
+def flex(sim: Simulator, i: int, up: float = 0.0, price_up: float = 0.0, down: float = 0.0,
+         price_down: float = 0.0) -> None:
+    reply = sim.control(i, FlexRequest(up, price_up, down, price_down))
+    assert reply is not None and reply.ok, reply
+
+
+def cores(sim: Simulator) -> list[Core]:
+    return [core for core in sim.cores if core is not None]
+
+
+def balance(core: Core, now: float) -> dict[str, Any]:
+    return core.balance_view(now)
+
+
+# ------------------------------------------------------------------------ the simulator
+
+
+def test_a_deficit_is_covered_cheapest_first_and_every_node_sees_the_island_balanced() -> None:
+    # n0 produces 10, n1 consumes 13: 3 kW short. n3 offers up-flex cheaper than n2.
+    sim = converged_sim([(0, 1), (1, 2), (2, 3)], [(10.0, 0.0), (0.0, 13.0), (0.0, 0.0),
+                                                   (0.0, 0.0)])
+    flex(sim, 2, up=5.0, price_up=0.3)
+    flex(sim, 3, up=5.0, price_up=0.1)
+    sim.run_until(sim.now + SETTLE_S)
+    n2, n3 = sim.cores[2], sim.cores[3]
+    assert n2 is not None and n3 is not None
+    assert (n2.activation_kw, n3.activation_kw) == (0.0, 3.0)
+    for core in cores(sim):
+        view = balance(core, sim.now)
+        assert view["imbalance_kw"] == -3.0 and view["balanced_net_kw"] == 0.0, core.id
+        assert view["clearing_price"] == 0.1 and view["shortfall_kw"] == 0.0
+    assert len({balance(c, sim.now)["clearing_hash"] for c in cores(sim)}) == 1
+
+
+def test_a_surplus_charges_the_battery_that_pays_to_charge_first() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(10.0, 6.0), (0.0, 0.0), (0.0, 0.0)])
+    flex(sim, 1, down=3.0, price_down=0.05)
+    flex(sim, 2, down=3.0, price_down=-0.2)  # a battery that wants to charge
+    sim.run_until(sim.now + SETTLE_S)
+    assert [c.activation_kw for c in cores(sim)] == [0.0, -1.0, -3.0]
+    assert all(balance(c, sim.now)["balanced_net_kw"] == 0.0 for c in cores(sim))
+
+
+def test_too_little_flexibility_uses_all_of_it_and_reports_the_shortfall() -> None:
+    sim = converged_sim([(0, 1)], [(0.0, 10.0), (0.0, 0.0)])
+    flex(sim, 1, up=4.0, price_up=0.2)
+    sim.run_until(sim.now + SETTLE_S)
+    for core in cores(sim):
+        view = balance(core, sim.now)
+        assert view["shortfall_kw"] == 6.0 and view["shortfall"] == "shed_load"
+        assert view["balanced_net_kw"] == -6.0
+    assert sim.cores[1] is not None and sim.cores[1].activation_kw == 4.0
+
+
+def test_a_split_island_rebalances_with_its_own_members_and_a_merge_clears_as_one() -> None:
+    # n0 - n1 | n2 - n3: each half has a deficit and its own flexible node.
+    sim = converged_sim([(0, 1), (1, 2), (2, 3)], [(0.0, 2.0), (0.0, 0.0), (0.0, 1.0),
+                                                   (0.0, 0.0)], dead_after_s=0.5)
+    flex(sim, 1, up=5.0, price_up=0.1)
+    flex(sim, 3, up=5.0, price_up=0.2)
+    sim.run_until(sim.now + SETTLE_S)
+    assert [c.activation_kw for c in cores(sim)] == [0.0, 3.0, 0.0, 0.0], "one island: cheapest"
+    sim.cut_links([(1, 2)])
+    sim.run_until(sim.now + 3.0)
+    assert [c.activation_kw for c in cores(sim)] == [0.0, 2.0, 0.0, 1.0], "each half on its own"
+    assert all(balance(c, sim.now)["balanced_net_kw"] == 0.0 for c in cores(sim))
+    sim.restore_links([(1, 2)])
+    sim.run_until(sim.now + 3.0)
+    assert [c.activation_kw for c in cores(sim)] == [0.0, 3.0, 0.0, 0.0], "merged: one clearing"
+    assert len({balance(c, sim.now)["clearing_hash"] for c in cores(sim)}) == 1
+
+
+def test_the_clearing_does_not_depend_on_the_order_adverts_arrived_in() -> None:
+    sim = converged_sim([(0, 1), (1, 2), (2, 3), (3, 0)],
+                        [(3.0, 1.0), (0.0, 7.5), (1.25, 0.0), (0.0, 0.5)])
+    for i, (up, price) in enumerate([(1.0, 0.2), (2.0, 0.2), (0.5, 0.1), (4.0, 0.3)]):
+        flex(sim, i, up=up, price_up=price)
+    sim.run_until(sim.now + SETTLE_S)
+    first = cores(sim)[0]
+    adverts = dict(first.table.by_origin)
+    reversed_table = AdvertTable.converged(
+        first.id, dict(reversed(list(adverts.items()))), first.config.max_nodes)
+    other = Core.converged(first.config, reversed_table, [], sim.now)
+    assert other.clearing(sim.now).hash == first.clearing(sim.now).hash
+    assert len({c.clearing(sim.now).hash for c in cores(sim)}) == 1
+
+
+def test_a_nodes_offer_is_kept_across_a_restart() -> None:
+    sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
+    flex(sim, 1, up=5.0, price_up=0.1)
+    sim.crash(1)
+    sim.restart(1)
+    sim.run_until(sim.now + 2.0)
+    n1 = sim.cores[1]
+    assert n1 is not None and n1.flex.flex_up_kw == 5.0 and n1.activation_kw == 2.0
+
+
+@pytest.mark.parametrize("request_", [
+    FlexRequest(flex_up_kw=-1.0), FlexRequest(price_up=math.nan),
+    FlexRequest(flex_down_kw=math.inf), FlexRequest(price_down=1e7),
+])
+def test_bad_flexibility_is_refused_and_changes_nothing(request_: FlexRequest) -> None:
+    sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
+    flex(sim, 1, up=5.0, price_up=0.1)
+    n1 = sim.cores[1]
+    assert n1 is not None
+    before = (n1.flex, n1.own_advert.version)
+    reply = sim.control(1, request_)
+    assert reply is not None and not reply.ok and reply.code == "bad_value", reply
+    assert (n1.flex, n1.own_advert.version) == before
+
+
+def test_a_node_without_an_offer_sends_the_same_advert_as_before_phase_two() -> None:
+    sim = converged_sim([(0, 1)], [(1.0, 0.0), (0.0, 3.0)])
+    assert all(c.own_advert.flex is None for c in cores(sim))
+    sim.control(0, SetRequest(2.0, None))
+    sim.run_until(sim.now + SETTLE_S)
+    assert all(c.own_advert.flex is None and c.activation_kw == 0.0 for c in cores(sim))
+
+
+# ------------------------------------------------------------------------ real processes
+
+
+@pytest.fixture
+def house_grid(grid: Grid) -> tuple[NodeProc, ...]:
+    """plant (10 kW) - house (3 kW) - factory (5 kW) - battery (5 kW each way)."""
+    plant = grid.add("plant", "--production", "10")
+    house = grid.add("house", "--consumption", "3", "--sibling", plant.endpoint)
+    factory = grid.add("factory", "--consumption", "5", "--sibling", house.endpoint)
+    battery = grid.add("battery", "--flex-up", "5", "--price-up", "0.2", "--flex-down", "5",
+                       "--price-down", "-0.1", "--sibling", factory.endpoint)
+    grid.wait_island([plant, house, factory, battery])
+    return plant, house, factory, battery
+
+
+def balanced(nodes: tuple[NodeProc, ...], imbalance: float) -> list[dict[str, Any]] | None:
+    statuses = [node.status() for node in nodes]
+    if all(s["imbalance_kw"] == imbalance and s["balanced_net_kw"] == 0.0 for s in statuses) \
+            and len({s["clearing_hash"] for s in statuses}) == 1:
+        return statuses
+    return None
+
+
+def test_a_battery_balances_a_real_grid_and_every_node_reports_it(
+        house_grid: tuple[NodeProc, ...]) -> None:
+    plant, house, factory, _battery = house_grid
+    statuses = wait_until(lambda: balanced(house_grid, 2.0), what="the surplus to be charged")
+    assert statuses[3]["activation_kw"] == -2.0
+    factory.ctl("set", "--consumption", "9", check=True)  # now 2 kW short
+    statuses = wait_until(lambda: balanced(house_grid, -2.0), what="the battery to discharge")
+    assert statuses[3]["activation_kw"] == 2.0 and statuses[0]["clearing_price"] == 0.2
+    rows = {row["id"]: row for row in plant.ctl_json("nodes")}
+    assert rows["battery"]["activation_kw"] == 2.0 and rows["plant"]["activation_kw"] == 0.0
+    with house.client() as client:
+        view = next(iter(client.watch()))
+    assert view["balanced_net_kw"] == 0.0 and view["imbalance_kw"] == -2.0
+
+
+def test_flex_changes_an_offer_at_run_time_and_bad_values_are_refused(
+        house_grid: tuple[NodeProc, ...]) -> None:
+    plant, _, _, battery = house_grid
+    wait_until(lambda: balanced(house_grid, 2.0), what="the first balance")
+    battery.ctl("flex", "--down", "1", check=True)  # it can now take only 1 of the 2 kW
+    wait_until(lambda: plant.status()["shortfall_kw"] == 1.0, what="the shortfall reported")
+    refused = ctl("flex", "--up", "-1", node=battery.endpoint)
+    assert refused.returncode == 1 and "flex_up" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert battery.status()["flex_up"] == 5.0
