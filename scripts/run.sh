@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Start a sample 4-node grid on 127.0.0.1 and stay in the foreground until Ctrl-C / SIGTERM.
 #
-#   n1 plant       tcp://127.0.0.1:BASE+1   production 50
+#   n1 plant       tcp://127.0.0.1:BASE+1   production 50, dispatchable: can go 20 kW up
+#                                           (at 0.12/kWh) or 30 kW down (saving 0.03/kWh)
 #   n2 solar house tcp://127.0.0.1:BASE+2   production 6, consumption 2.5
 #   n3 house       tcp://127.0.0.1:BASE+3   consumption 3.2
 #   n4 factory     tcp://127.0.0.1:BASE+4   consumption 38
 #
 # Wired as a ring n1-n2-n3-n4-n1 plus the chord n1-n3. BASE is ZGRID_BASE_PORT (default 5000).
 # Each node keeps its state under ZGRID_DATA (default ./.zgrid); logs go to ZGRID_LOGS
-# (default ./.zgrid/logs). Prints one line each time a node's view of the grid total changes.
+# (default ./.zgrid/logs). Prints one line each time a node's view changes: the island's total
+# and, as n1 balances it (Phase II), the imbalance before and the net after balancing.
 set -euo pipefail
 
 base=${ZGRID_BASE_PORT:-5000}
@@ -32,20 +34,21 @@ stop() {
 }
 trap stop INT TERM
 
-start() {  # start ID INDEX PRODUCTION CONSUMPTION SIBLING_INDEX...
-    local id=$1 i=$2 p=$3 c=$4
-    shift 4
+start() {  # start ID INDEX PRODUCTION CONSUMPTION FLEX_ARGS SIBLING_INDEX...
+    local id=$1 i=$2 p=$3 c=$4 flex=$5
+    shift 5
     local sib=()
     for j in "$@"; do sib+=(--sibling "$(ep "$j")"); done
-    zgrid-node --id "$id" --bind "$(ep "$i")" --production "$p" --consumption "$c" \
+    # shellcheck disable=SC2086  # FLEX_ARGS is a list of options, split on purpose
+    zgrid-node --id "$id" --bind "$(ep "$i")" --production "$p" --consumption "$c" $flex \
         --data-dir "$data/$id" "${sib[@]}" 2>"$logs/$id.log" &
     pids+=($!)
 }
 
-start n1 1 50 0
-start n2 2 6 2.5 1
-start n3 3 0 3.2 2 1
-start n4 4 0 38 3 1
+start n1 1 50 0 "--flex-up 20 --price-up 0.12 --flex-down 30 --price-down 0.03"
+start n2 2 6 2.5 "" 1
+start n3 3 0 3.2 "" 2 1
+start n4 4 0 38 "" 3 1
 
 # Wait (bounded) until every node answers, so the first status lines are real.
 for i in 1 2 3 4; do
@@ -65,7 +68,8 @@ Try, in another terminal:
   export ZGRID_NODE=$(ep 1)
   zgrid-ctl status
   zgrid-ctl nodes
-  zgrid-ctl --node $(ep 3) set --consumption 7.5
+  zgrid-ctl --node $(ep 3) set --consumption 7.5   # n1 then raises its output to match
+  zgrid-ctl --node $(ep 1) flex --down 0            # n1 stops turning down: a surplus
   zgrid-ctl unlink n2 ; zgrid-ctl link $(ep 2)
   zgrid-ctl watch
 Ctrl-C stops the grid.

@@ -182,6 +182,16 @@ def ctl_main(ctx: click.Context, node: str | None, as_json: bool, timeout: float
     ctx.obj = _Ctl(node, as_json, timeout, keys, as_name)
 
 
+_BALANCING_KEYS = ("imbalance_kw", "balanced_net_kw", "clearing_price", "shortfall_kw",
+                   "clearing_hash")
+
+
+def _net(x: float) -> str:
+    """A signed kW figure to three decimals; a residual of 1e-15 kW shows as +0.000, not -0.000
+    (an activation is applied as a double, so the balanced net is exact only to its rounding)."""
+    return f"{round(x, 3) + 0.0:+.3f}"
+
+
 def _kw(x: float) -> str:
     return f"{x:.3f} kW"
 
@@ -208,8 +218,8 @@ def status(ctl: _Ctl) -> None:
             price = "none" if s["clearing_price"] is None else f"{s['clearing_price']:g}"
             short = (f"   SHORTFALL {_kw(s['shortfall_kw'])} ({s['shortfall']})"
                      if s["shortfall_kw"] else "")
-            click.echo(f"  balancing: imbalance {s['imbalance_kw']:+.3f} kW -> balanced net "
-                       f"{s['balanced_net_kw']:+.3f} kW   price {price}{short}")
+            click.echo(f"  balancing: imbalance {_net(s['imbalance_kw'])} kW -> balanced net "
+                       f"{_net(s['balanced_net_kw'])} kW   price {price}{short}")
         click.echo("siblings:" if s["siblings"] else "siblings: none")
         for sib in s["siblings"]:
             note = f"  ({sib['error']})" if sib["error"] else ""
@@ -318,9 +328,14 @@ def watch(ctl: _Ctl) -> None:
                         "island_size": view["island_size"], "island": view["island"],
                         "total_production": view["total_production"],
                         "total_consumption": view["total_consumption"]}
+                balancing = {k: view[k] for k in _BALANCING_KEYS if k in view}
+                line.update(balancing)
                 stamp = datetime.fromtimestamp(view["ts"]).isoformat(timespec="milliseconds")
                 text = (f"{stamp} {view['id']} total_net={view['total_net']:+.3f} kW "
                         f"island={view['island_size']} ({' '.join(view['island'])})")
+                if balancing:  # a node that balances (Phase II)
+                    text += (f" imbalance={_net(view['imbalance_kw'])} kW balanced_net="
+                             f"{_net(view['balanced_net_kw'])} kW")
                 ctl.emit(line, lambda text=text: click.echo(text))  # type: ignore[misc]
                 sys.stdout.flush()
         except KeyboardInterrupt:
