@@ -7,6 +7,8 @@ Simulator tests (virtual time, unmodified cores) and real processes driven by zg
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +16,9 @@ import pytest
 from zgrid.core import Core
 from zgrid.sim import Simulator, converged_sim
 from zgrid.table import AdvertTable
-from zgrid.wire import FlexRequest, SetRequest
+from zgrid.wire import Flex, FlexRequest, SetRequest
 
-from conftest import Grid, NodeProc, ctl, wait_until
+from conftest import BIN, Grid, NodeProc, ctl, wait_until
 
 SETTLE_S = 1.0  # virtual seconds: far longer than a flood across these grids
 
@@ -189,3 +191,38 @@ def test_flex_changes_an_offer_at_run_time_and_bad_values_are_refused(
     assert refused.returncode == 1 and "flex_up" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert battery.status()["flex_up"] == 5.0
+
+
+def test_a_device_offer_is_advertised_without_being_persisted() -> None:
+    sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
+    n1 = sim.cores[1]
+    assert n1 is not None
+    effects = n1.device_changed(Flex(5.0, 0.3, 5.0, -0.1), {"kind": "battery", "soc_kwh": 1.0})
+    assert effects == [] and n1.own_advert.flex == Flex(5.0, 0.3, 5.0, -0.1)
+    sim.run_until(sim.now + SETTLE_S)
+    assert n1.activation_kw == 2.0
+    assert n1.status(sim.now)["device"] == {"kind": "battery", "soc_kwh": 1.0}
+
+
+def test_a_battery_device_discharges_into_a_real_deficit_and_its_charge_falls(
+        grid: Grid, tmp_path: Path) -> None:
+    device = tmp_path / "battery.toml"
+    device.write_text("[[battery]]\ncapacity_kwh = 1.0\npower_kw = 5.0\nsoc_kwh = 0.5\n")
+    house = grid.add("house", "--consumption", "2")
+    battery = grid.add("battery", "--device", str(device), "--sibling", house.endpoint)
+    grid.wait_island([house, battery])
+    status = wait_until(lambda: (lambda s: s if s["activation_kw"] == 2.0 and s["device"]
+                                 and s["device"]["soc_kwh"] < 0.5 else None)(battery.status()),
+                        what="the battery to discharge 2 kW")
+    assert status["device"]["kind"] == "battery" and status["flex_up"] > 0
+    assert house.status()["balanced_net_kw"] == 0.0
+
+
+def test_a_device_file_with_a_bad_value_is_a_clear_usage_error(tmp_path: Path) -> None:
+    device = tmp_path / "bad.toml"
+    device.write_text("[[battery]]\ncapacity_kwh = 1.0\npower_kw = 5.0\nsoc_kwh = 2.0\n")
+    proc = subprocess.run([str(BIN / "zgrid-node"), "--id", "b", "--bind",
+                           "tcp://127.0.0.1:1", "--device", str(device), "--data-dir",
+                           str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "soc_kwh" in proc.stderr
+    assert "Traceback" not in proc.stderr

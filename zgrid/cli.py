@@ -20,13 +20,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from zgrid import __version__
 from zgrid.client import DEFAULT_TIMEOUT_S, Client
 from zgrid.errors import ControlError, NoReply, StorageFailure, ZgridError
+
+if TYPE_CHECKING:  # the device models load only for a node that has a device
+    from zgrid.devices import Device
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -64,6 +67,9 @@ def _fail(message: str, code: int) -> NoReturn:
               help="kW this node can lower its net by on request.")
 @click.option("--price-down", type=float, default=0.0, show_default=True,
               help="Its price per kWh for lowering its net (negative: it pays to).")
+@click.option("--device", "device_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A TOML device file (one [[battery]], [[plant]], [[pv]] or [[load]]): its "
+                   "model makes this node's offers and follows its activation.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the node keeps its state [default: ./.zgrid/ID].")
 @click.option("--ping-interval", type=click.FloatRange(min=0.01), default=0.25,
@@ -85,7 +91,8 @@ def _fail(message: str, code: int) -> NoReturn:
               help="Testing only: while FILE exists, every save fails as on a full disk.")
 def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[str, ...],
               production: float, consumption: float, flex_up: float, price_up: float,
-              flex_down: float, price_down: float, data_dir: Path | None,
+              flex_down: float, price_down: float, device_file: Path | None,
+              data_dir: Path | None,
               ping_interval: float, dead_after: float, forget_after: float,
               keys_dir: Path | None, log_level: str, drop_rate: float,
               crash_before_save: bool, fail_saves_while: Path | None) -> None:
@@ -108,6 +115,9 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
                 check_price(price_up, lambda why: usage(f"--price-up {why}")),
                 check_power(flex_down, lambda why: usage(f"--flex-down {why}")),
                 check_price(price_down, lambda why: usage(f"--price-down {why}")))
+    device = None if device_file is None else _load_device(device_file)
+    if device is not None and flex.offered:
+        raise usage("--device makes the offers: leave out --flex-up and --flex-down")
     if dead_after <= ping_interval:
         raise usage("--dead-after must be longer than --ping-interval")
 
@@ -117,7 +127,8 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         datefmt="%H:%M:%S")
     settings = NodeSettings(
         node_id=node_id, bind=bind, advertise=advertise, siblings=siblings,
-        production=production, consumption=consumption, flex=flex, data_dir=data_dir,
+        production=production, consumption=consumption, flex=flex, device=device,
+        data_dir=data_dir,
         ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
         keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save,
         fail_saves_while=fail_saves_while)
@@ -128,6 +139,24 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
     except ZgridError as exc:
         _fail(exc.message, EXIT_USAGE)
     sys.exit(node.run())
+
+
+def _load_device(path: Path) -> Device:
+    import tomllib
+
+    from zgrid.devices import load_devices
+
+    try:
+        with path.open("rb") as f:
+            devices = load_devices(tomllib.load(f))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise click.BadParameter(f"{path}: {exc}") from None
+    if len(devices) != 1:
+        raise click.BadParameter(f"{path} describes {len(devices)} devices: a node runs one "
+                                 "(its advert carries one offer); give each device its node")
+    return devices[0]
 
 
 # ================================================================================ zgrid-ctl
@@ -211,6 +240,11 @@ def status(ctl: _Ctl) -> None:
             click.echo(f"  flex up {_kw(s['flex_up'])} at {s['price_up']:g}   down "
                        f"{_kw(s['flex_down'])} at {s['price_down']:g}   activation "
                        f"{s['activation_kw']:+.3f} kW")
+        if s.get("device"):
+            device = s["device"]
+            values = "  ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in device.items() if k != "kind")
+            click.echo(f"  device {device['kind']}: {values}")
         click.echo(f"grid: island of {s['island_size']}: {' '.join(s['island'])}")
         click.echo(f"  total_net {s['total_net']:+.3f} kW   production "
                    f"{_kw(s['total_production'])}   consumption {_kw(s['total_consumption'])}")

@@ -458,6 +458,7 @@ class Core:
         self.consumption = restored.consumption if restored else 0.0
         self.flex = restored.flex if restored else NO_FLEX  # our plain offer (Phase II)
         self.activation_kw = 0.0  # what our clearing asks of us now; carried in our advert
+        self.device_state: dict[str, Any] | None = None  # the runtime's device, for status
         self._clearing: tuple[tuple[int, frozenset[str]], Clearing] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
@@ -1469,6 +1470,18 @@ class Core:
             self.activation_kw = activation
             self._bump()
 
+    def device_changed(self, flex: Flex, state: Mapping[str, Any]) -> list[Effect]:
+        """Our device (zgrid/devices.py, run by the runtime, which integrates our activation
+        into it) now offers `flex` and is in `state` (shown in `status`). Not a control
+        request: nobody is acknowledged and nothing is persisted, since a restart rebuilds the
+        offer from the device. A new offer is advertised at once; the runtime calls this only
+        for meaningful changes of the offer, so the grid does not chatter."""
+        self.device_state = dict(state)
+        if flex != self.flex:
+            self.flex = flex
+            self._bump()
+        return []
+
     def _activation_units(self, island: frozenset[str]) -> int:
         """The exact sum of the activations the island's members say they apply."""
         adverts = self.table.by_origin
@@ -1517,6 +1530,7 @@ class Core:
             "net": self.production - self.consumption,
             **_flex_body(self.flex),
             "activation_kw": self.activation_kw,
+            "device": self.device_state,
             "incarnation": self.incarnation,
             "seq": self.seq,
             "siblings": [s.row() for s in self.siblings.values()],

@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import zmq
@@ -42,6 +42,7 @@ from zgrid.core import (
     SendOnce,
     Trust,
 )
+from zgrid.devices import Device, meaningful_change
 from zgrid.errors import ProtocolError, StorageFailure, StoreError, ZgridError
 from zgrid.persisted import PersistedState
 from zgrid.security import (
@@ -69,6 +70,7 @@ from zgrid.wire import (
 
 log = logging.getLogger("zgrid.node")
 
+DEVICE_STEP_S = 1.0  # how often the device integrates its activation and may change its offer
 MAX_DRAIN_FRAMES = 1000  # per loop turn, so one burst cannot delay flushes and timers unboundedly
 SIBLING_SNDHWM_MSGS = 1000  # a slow sibling costs at most this much queue; then we drop
 RECONNECT_IVL_MS = 100
@@ -97,6 +99,7 @@ class NodeSettings:
     production: float = 0.0
     consumption: float = 0.0
     flex: Flex = NO_FLEX  # the initial plain offer (a node with saved state resumes its own)
+    device: Device | None = None  # a device model whose offers replace the plain one
     data_dir: Path | None = None  # default ./.zgrid/<id>
     ping_interval_s: float = 0.25
     dead_after_s: float = 1.0
@@ -351,8 +354,16 @@ class Node:
             self.close()
 
     def _loop(self, poller: zmq.Poller, wake_r: socket.socket) -> None:
+        next_device_step = time.monotonic() if self.settings.device is not None else math.inf
+        device_at = time.monotonic()
+        advertised: Flex | None = None
         while not any(sig in STOP_SIGNALS for sig in self._signals):
-            timeout_ms = max(0, math.ceil((self.core.next_deadline() - time.monotonic()) * 1000))
+            now = time.monotonic()
+            if now >= next_device_step:
+                advertised = self._step_device(now - device_at, advertised)
+                device_at, next_device_step = now, now + DEVICE_STEP_S
+            deadline = min(self.core.next_deadline(), next_device_step)
+            timeout_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
             if wake_r.fileno() in ready:
                 self._drain_wakeups(wake_r)
@@ -366,6 +377,21 @@ class Node:
             self._perform(self.core.flush(now))
             self._save_and_acknowledge()
             self._close_idle_one_shots(now)
+
+    def _step_device(self, dt_s: float, advertised: Flex | None) -> Flex:
+        """Integrate what the clearing asked of the device since the last step, then tell the
+        core its offer (the last advertised one unless it changed meaningfully) and state."""
+        device = self.settings.device
+        assert device is not None
+        device.apply(self.core.activation_kw, dt_s)
+        offer = device.offer()
+        if advertised is None or meaningful_change(advertised, offer, device.rating_kw):
+            advertised = offer
+        state = {"kind": device.kind, **{f.name: getattr(device, f.name)
+                                          for f in fields(device)}}  # type: ignore[arg-type]
+        state["applied_kw"] = device.applied_kw
+        self._perform(self.core.device_changed(advertised, state))
+        return advertised
 
     def _save_and_acknowledge(self) -> None:
         """Group commit: one save for every change of this loop turn, after their flood went
