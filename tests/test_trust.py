@@ -233,9 +233,24 @@ def test_counters_at_their_maximum_cannot_crash_a_node_or_lock_it_out() -> None:
     assert a.own_advert.version == (1, 1) and "--keys" in a.conflict
 
 
+def test_an_advert_at_the_maximum_version_retracts_its_origin_for_one_forget_period() -> None:
+    sim, edges = _four_node_ring(signed_grid=False)
+    _inject(sim, edges, [(0, "n2", (MAX_COUNTER, MAX_COUNTER), 999.0, True, ["n1", "n3"])])
+    sim.run_until(sim.now + 1.0)
+    others = [c for c in cores_of(sim) if c.id != "n2"]
+    assert all("n2" not in c.table and "n2" not in c.island(sim.now) for c in others)
+    assert all(c.totals(sim.now)[0] != 999.0 for c in cores_of(sim)), "never counted"
+    assert sim.run_until_agreed(limit_s=3 * FORGET_AFTER_S, step_s=1.0).agreed
+    assert all(c.table.by_origin["n2"].production == 3.0 for c in cores_of(sim)), "n2 is back"
+
+
+def cores_of(sim: Simulator) -> list[Core]:
+    return [core for core in sim.cores if core is not None]
+
+
 def _four_node_ring(signed_grid: bool) -> tuple[Simulator, list[tuple[int, int]]]:
     names = ["n0", "n1", "n2", "n3"]
-    sim = Simulator(names, seed=7, signed=signed_grid)
+    sim = Simulator(names, seed=7, signed=signed_grid, forget_after_s=FORGET_AFTER_S)
     edges = [(0, 1), (1, 2), (2, 3), (3, 0)]
     assert cold_start(sim, edges, [(5.0, 1.0), (0.0, 2.0), (3.0, 0.5), (0.0, 4.0)]) is not None
     return sim, edges
@@ -246,7 +261,9 @@ _VERSIONS = st.one_of(
     st.tuples(st.integers(1, MAX_COUNTER), st.integers(0, MAX_COUNTER)),
     st.tuples(st.just(MAX_COUNTER), st.integers(0, MAX_COUNTER - 1)),
     st.tuples(st.integers(1, MAX_COUNTER - 1), st.just(MAX_COUNTER)),
+    st.just((MAX_COUNTER, MAX_COUNTER)),  # nothing outbids it: it retracts its origin
 )
+FORGET_AFTER_S = 20.0  # virtual: how long a retraction at the maximum version lasts
 _INJECTION = st.tuples(
     st.integers(0, 3),  # the node it is handed to
     st.sampled_from(["n0", "n1", "n2", "n3", "ghost"]),  # the origin it claims
@@ -282,13 +299,14 @@ def _inject(sim: Simulator, edges: list[tuple[int, int]],
 @given(st.lists(_INJECTION, min_size=1, max_size=6))
 def test_whatever_adverts_are_injected_every_island_agrees_once_injection_stops(
         injections: list[tuple[int, str, tuple[int, int], float, bool, list[str]]]) -> None:
-    # Without keys anyone can write anything; what must hold is that it does not last. The one
-    # version nothing can outbid, both counters at MAX_COUNTER, is left out (the strategy never
-    # draws it): only signatures defend against that one (the test after this).
+    # Without keys anyone can write anything; what must hold is that it does not last: a
+    # forgery is outbid within RIVAL_OUTBID_INTERVAL_S, and one at the maximum version, which
+    # nothing can outbid, retracts its origin for one forget period.
     sim, edges = _four_node_ring(signed_grid=False)
     _inject(sim, edges, injections)
     sim.run_until(sim.now + 1.0)
-    agreement = sim.run_until_agreed(limit_s=4 * RIVAL_OUTBID_INTERVAL_S)
+    agreement = sim.run_until_agreed(
+        limit_s=4 * RIVAL_OUTBID_INTERVAL_S + 3 * FORGET_AFTER_S, step_s=1.0)
     assert agreement.agreed, agreement.problems
 
 

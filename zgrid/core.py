@@ -1045,6 +1045,9 @@ class Core:
             self._learn_about_self(a, now)
             return
         seal = self._seal
+        if a.incarnation == MAX_COUNTER and a.seq == MAX_COUNTER:
+            self._retract(a, now)
+            return
         # The seal is asked only about versions new to us: one verification per version.
         merged = self.table.merge(a) if seal is None else self.table.merge(a, seal.verify)
         if merged is not Merge.NEW:
@@ -1064,6 +1067,22 @@ class Core:
         for sib in self.siblings.values():
             if sib.state is LinkState.UP and sib is not source:
                 sib.outbox[a.origin] = a
+
+    def _retract(self, a: Advert, now: float) -> None:
+        """The maximum version can never be outbid, so no origin ever uses it and it cannot
+        mean "newest": it retracts its origin. We drop the origin's advert and keep a
+        tombstone at that version for `forget_after_s`; then anti-entropy brings the origin's
+        real advert back. So a forgery at the maximum costs its victim one forget period, not
+        its id for good. With keys it must carry the origin's signature, like any advert."""
+        if self._seal is not None and not self._seal.verify(a):
+            self.counters["bad_signatures"] += 1
+            return
+        if self.table.tombstone(a.origin) == a.version:
+            return  # retracted already: a flood brings the same copy over many paths
+        self.table.retract(a.origin, now)
+        for sib in self.siblings.values():
+            if sib.state is LinkState.UP:
+                sib.outbox[a.origin] = a  # every holder must drop it too
 
     def _learn_about_self(self, a: Advert, now: float) -> None:
         """An advert of our id. Not newer than ours: our echo, or a past life. Newer: we never
@@ -1106,7 +1125,8 @@ class Core:
         is outbid within it, by seq; anything else is another life, so we start a new one
         above it, as a restart would. Where counters are exhausted we take the least version
         above. Both counters at MAX_COUNTER cannot be outbid: only an unsigned grid can be
-        handed that, and then we keep ours and report it."""
+        handed that; every other node then retracts us for a forget period (`_retract`), and
+        we keep ours and report it."""
         rival, self._rival = self._rival, None
         self._next_outbid = math.inf
         if rival is None or rival.version <= (self.incarnation, self.seq):
@@ -1120,9 +1140,10 @@ class Core:
         elif incarnation < MAX_COUNTER:
             self.incarnation, self.seq = incarnation + 1, -1
         else:
-            self.conflict = (f"an advert of {self.id} at the maximum version was forged and "
-                             "cannot be outbid: run the grid with --keys, then restart the "
-                             "nodes that hold it")
+            self.conflict = (f"an advert of {self.id} at the maximum version was forged: it "
+                             "retracts this node from every table for --forget-after, then "
+                             "this node returns by itself; run the grid with --keys to stop "
+                             "forgeries")
             return
         self.counters["outbids"] += 1
         self._bump()

@@ -24,7 +24,7 @@ from enum import Enum
 from types import MappingProxyType
 from weakref import WeakValueDictionary
 
-from zgrid.wire import Advert, Digest
+from zgrid.wire import MAX_COUNTER, Advert, Digest
 
 UNIT_EXPONENT = 1074  # 2**-1074 is the smallest positive double
 _UNIT_SCALE = 1 << UNIT_EXPONENT
@@ -227,6 +227,17 @@ class AdvertTable:
         elif not self._island_dirty and a.origin in self._island:
             self._units_production += exact_units(a.production) - exact_units(old.production)
             self._units_consumption += exact_units(a.consumption) - exact_units(old.consumption)
+
+    def retract(self, origin: str, now: float) -> None:
+        """Drop an origin's advert and keep a tombstone at the maximum version, which stops
+        every version of it until the tombstone expires (`forget`): what a received advert at
+        the maximum version does (see the core's `_learn`)."""
+        old = self._adverts.pop(origin, None)
+        if old is not None:
+            self.hash ^= entry_hash(old)
+            self._unreachable_since.pop(origin, None)
+            self._island_dirty = True
+        self._tombstones[origin] = ((MAX_COUNTER, MAX_COUNTER), now)
 
     def discard(self, origin: str) -> None:
         """Drop an origin's advert with no tombstone (a revoked member: nothing of it can be
