@@ -1,6 +1,6 @@
 # zgrid: every target creates .venv if it is missing and installs the project into it.
 PYTHON ?= python3
-BENCH_ARGS ?=  # options both bench scripts take, e.g. BENCH_ARGS="--wait-quiet 240"
+BENCH_ARGS ?=  # options all three bench scripts take, e.g. BENCH_ARGS="--wait-quiet 240"
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -23,9 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check zgrid tests scripts
 	$(BIN)/mypy zgrid
 
-bench: $(STAMP)  # real processes: the cost of signed adverts, then convergence, faults, idle, load
+bench: $(STAMP)  # real processes: signed adverts; convergence, faults, idle, load; balancing
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_signing.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_balancing.py $(BENCH_ARGS)
 
 bench-sim: $(STAMP)
 	$(BIN)/python scripts/bench_sim.py

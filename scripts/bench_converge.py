@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -472,11 +472,14 @@ def wait_agreement(grid: BenchGrid, timeout_s: float) -> dict[str, dict[str, Any
 
 @contextlib.contextmanager
 def running_grid(run: Run, name: str, n: int, avg_degree: float, *, watch: bool,
-                 hub_siblings: int = 0, keys: bool = False) -> Iterator[BenchGrid]:
+                 hub_siblings: int = 0, keys: bool = False,
+                 node_args: Callable[[int], Sequence[str]] | None = None
+                 ) -> Iterator[BenchGrid]:
     """Start N nodes on a random topology, connect the control fleet (watching every node if
     `watch`), wait until they agree; kill every node on the way out, whatever happens.
     With `keys`, every node runs with --keys (one keys directory for the grid, as in the
-    README) and the control fleet speaks CURVE as the operator."""
+    README) and the control fleet speaks CURVE as the operator. `node_args(i)`: extra
+    zgrid-node arguments of node i (e.g. a flexibility offer)."""
     edges = random_topology(n, avg_degree, run.rng, hub_siblings)
     values = [random_values(run.rng) for _ in range(n)]
     tmp = run.tmp / name
@@ -487,7 +490,8 @@ def running_grid(run: Run, name: str, n: int, avg_degree: float, *, watch: bool,
     nodes = []
     for i, node_id in enumerate(ids):
         args = ["--production", repr(values[i][0]), "--consumption", repr(values[i][1]),
-                "--ping-interval", str(PING_INTERVAL_S), "--dead-after", str(DEAD_AFTER_S)]
+                "--ping-interval", str(PING_INTERVAL_S), "--dead-after", str(DEAD_AFTER_S),
+                *(node_args(i) if node_args else ())]
         # Each edge is given to one end only; the other end links back by itself. With keys
         # a sibling is named ID@ENDPOINT, so its CURVE key can be looked up.
         for a, _ in (e for e in edges if e[1] == i):
