@@ -67,6 +67,39 @@ CONTROL_GARBAGE = {
 }
 
 
+# Each row of the error table in docs/protocol.md, as a request a live node must answer with
+# that code, echoing the request's rid (frames that are not a decodable map have no rid).
+ERROR_TABLE = {
+    "bad_frame": (msgpack.packb([1, 2, 3]), False),
+    "unsupported_version": (msgpack.packb({"v": 99, "t": "status", "rid": 7}), True),
+    "unknown_type": (msgpack.packb({"v": 1, "t": "launch", "rid": 7}), True),
+    "bad_field": (msgpack.packb({"v": 1, "t": "set", "production": "10", "rid": 7}), True),
+    "bad_value": (msgpack.packb({"v": 1, "t": "set", "production": -3, "rid": 7}), True),
+    "unknown_sibling": (msgpack.packb({"v": 1, "t": "unlink", "sibling": "n9", "rid": 7}),
+                        True),
+}
+
+
+@pytest.mark.parametrize("code", ERROR_TABLE, ids=ERROR_TABLE)
+def test_each_error_code_of_the_protocol_doc_is_what_a_live_node_answers(
+        pair: tuple[NodeProc, NodeProc], raw: zmq.Socket[bytes], code: str) -> None:
+    frame, has_rid = ERROR_TABLE[code]
+    reply = _exchange(raw, frame)
+    assert reply is not None and reply["ok"] is False
+    assert reply["error"]["code"] == code, reply
+    assert reply.get("rid") == (7 if has_rid else None), "the reply echoes the request's rid"
+    assert "None" not in reply["error"]["message"], "no Python in what a client reads"
+
+
+def test_a_bad_value_error_speaks_the_users_language(
+        pair: tuple[NodeProc, NodeProc], raw: zmq.Socket[bytes]) -> None:
+    reply = _exchange(raw, msgpack.packb({"v": 1, "t": "set", "production": -3, "rid": 1}))
+    assert reply["error"]["message"] == (
+        "production must be a finite number of kW in 0..1e+09, got -3")
+    reply = _exchange(raw, msgpack.packb({"t": "status", "rid": 2}))
+    assert "no field 'v'" in reply["error"]["message"]
+
+
 @pytest.mark.parametrize("frame", CONTROL_GARBAGE.values(), ids=CONTROL_GARBAGE.keys())
 def test_a_bad_control_frame_gets_a_clear_error_and_changes_nothing(
         pair: tuple[NodeProc, NodeProc], raw: zmq.Socket[bytes], frame: bytes) -> None:

@@ -336,3 +336,17 @@ def test_without_keys_a_forged_advert_is_outbid_by_its_origin_everywhere() -> No
     assert n2 is not None and n2.counters["outbids"] == 1, "the forgery reached n2 and was seen"
     assert all(core is not None and core.table.by_origin["n2"].version == (1, 1001)
                and core.table.by_origin["n2"].production == 3.0 for core in sim.cores)
+
+
+def test_a_rival_next_to_the_maximum_makes_its_victim_retract_itself_and_return() -> None:
+    # Nothing but the maximum is above (2^63-1, 2^63-2), and the maximum only retracts: n0
+    # retracts itself, which drops the rival everywhere, and comes back after a forget period.
+    sim, edges = _four_node_ring(signed_grid=False)
+    _inject(sim, edges, [(1, "n0", (MAX_COUNTER, MAX_COUNTER - 1), 999.0, False, [])])
+    sim.run_until(sim.now + 1.0)
+    n0 = sim.cores[0]
+    assert n0 is not None and "retracted itself" in n0.conflict
+    assert n0.own_advert.version < (MAX_COUNTER, MAX_COUNTER - 1), "it never takes the maximum"
+    assert all("n0" not in c.table for c in cores_of(sim) if c.id != "n0")
+    assert sim.run_until_agreed(limit_s=3 * FORGET_AFTER_S, step_s=1.0).agreed
+    assert all(c.table.by_origin["n0"].production == 5.0 for c in cores_of(sim))

@@ -68,7 +68,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
@@ -696,7 +696,8 @@ class Core:
                    ) -> list[Effect]:
         """Answer a control client; drop and count a sibling's frame (logged at a rate)."""
         if not from_peer:
-            return [Respond(sender, Reply(None, False, code=error.code, message=error.message))]
+            return [Respond(sender, Reply(error.rid, False, code=error.code,
+                                          message=error.message))]
         self.counters["bad_frames"] += 1
         self._bad_since_log += 1
         if now - self._last_bad_log < BAD_FRAME_LOG_INTERVAL_S:
@@ -1084,6 +1085,22 @@ class Core:
             if sib.state is LinkState.UP:
                 sib.outbox[a.origin] = a  # every holder must drop it too
 
+    def _retract_self(self) -> None:
+        """Flood a retraction of our own id (our advert at the maximum version): every node
+        drops whatever it holds of us, the rival included, for one forget period, after which
+        anti-entropy brings our current advert back. Our own advert and version stay."""
+        self.conflict = (f"an advert of {self.id} at (or next to) the maximum version was "
+                         "forged, which nothing can outbid: this node retracted itself from "
+                         "every table for --forget-after and then returns by itself; run the "
+                         "grid with --keys to stop forgeries")
+        own = self.own_advert
+        retraction = replace(own, incarnation=MAX_COUNTER, seq=MAX_COUNTER, signature=b"")
+        if self._seal is not None:
+            retraction = self._seal.sign(retraction)
+        for sib in self.siblings.values():
+            if sib.state is LinkState.UP:
+                sib.outbox[self.id] = retraction
+
     def _learn_about_self(self, a: Advert, now: float) -> None:
         """An advert of our id. Not newer than ours: our echo, or a past life. Newer: we never
         wrote it (our nonce or not): a past life of ours whose data dir was lost, a live
@@ -1094,6 +1111,15 @@ class Core:
             return
         if self._seal is not None and not self._seal.verify(a):
             self.counters["bad_signatures"] += 1  # with keys nobody else can write our id
+            return
+        if a.version == (MAX_COUNTER, MAX_COUNTER):
+            # A retraction of us: it drops us for a forget period wherever it went; here it
+            # changes nothing (we never store a rival), and we come back by ourselves. (It
+            # may be our own retraction's echo: keep the reason we gave then.)
+            self.conflict = self.conflict or (
+                f"someone retracted {self.id} with a forged advert at the maximum version: its "
+                "holders drop this node for --forget-after; run the grid with --keys to stop "
+                "forgeries")
             return
         if self._rival is None or a.version > self._rival.version:
             self._rival = a
@@ -1124,27 +1150,29 @@ class Core:
         """Go above the newest rival. A forgery within our own life (our nonce and incarnation)
         is outbid within it, by seq; anything else is another life, so we start a new one
         above it, as a restart would. Where counters are exhausted we take the least version
-        above. Both counters at MAX_COUNTER cannot be outbid: only an unsigned grid can be
-        handed that; every other node then retracts us for a forget period (`_retract`), and
-        we keep ours and report it."""
+        above, but never the maximum itself (it retracts, see `_retract`). A rival nothing can
+        outbid, only possible in an unsigned grid, makes us retract ourselves instead."""
         rival, self._rival = self._rival, None
         self._next_outbid = math.inf
         if rival is None or rival.version <= (self.incarnation, self.seq):
             return
         incarnation, seq = rival.version
         own_life = rival.nonce == self.config.nonce and incarnation == self.incarnation
+        target: tuple[int, int] | None
         if not own_life and incarnation < MAX_COUNTER:
-            self.incarnation, self.seq = incarnation + 1, -1
+            target = (incarnation + 1, 0)
         elif seq < MAX_COUNTER:
-            self.incarnation, self.seq = incarnation, seq
+            target = (incarnation, seq + 1)
         elif incarnation < MAX_COUNTER:
-            self.incarnation, self.seq = incarnation + 1, -1
+            target = (incarnation + 1, 0)
         else:
-            self.conflict = (f"an advert of {self.id} at the maximum version was forged: it "
-                             "retracts this node from every table for --forget-after, then "
-                             "this node returns by itself; run the grid with --keys to stop "
-                             "forgeries")
+            target = None
+        if target is None or target == (MAX_COUNTER, MAX_COUNTER):
+            # Nothing we may take is above it (the maximum itself retracts, it never wins):
+            # retract ourselves instead, which drops the rival everywhere for a forget period.
+            self._retract_self()
             return
+        self.incarnation, self.seq = target[0], target[1] - 1  # _bump takes the seq to target
         self.counters["outbids"] += 1
         self._bump()
 

@@ -30,11 +30,14 @@ class ProtocolError(ZgridError):
     code = "bad_request"
 
     def __init__(self, message: str, code: str | None = None,
-                 message_type: str | None = None) -> None:
+                 message_type: str | None = None, rid: int | None = None) -> None:
         super().__init__(message, code)
         # The `t` the frame claimed, once decoding got that far: it tells a sibling's bad
         # frame (dropped and counted) from a control client's (answered with this error).
         self.message_type = message_type
+        # The frame's `rid`, if it had a valid one: the error reply echoes it, so that a client
+        # matching replies by rid gets its answer.
+        self.rid = rid
 
 
 class ControlError(ZgridError):

@@ -401,26 +401,40 @@ def decode(frame: bytes) -> Message:
     obj = decode_raw(frame)
     if not isinstance(obj, dict):
         raise ProtocolError(f"a frame must be a msgpack map, got {_kind(obj)}", "bad_frame")
+    raw_rid = obj.get("rid")
+    rid = raw_rid if type(raw_rid) is int and 0 <= raw_rid <= MAX_NONCE else None
     version = obj.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"unsupported protocol version {version!r}; this node speaks v{PROTOCOL_VERSION}",
-            "unsupported_version",
-        )
+        got = "no field 'v'" if "v" not in obj else f"version {_shown(version)}"
+        raise ProtocolError(f"unsupported protocol version: the frame has {got}; this node "
+                            f"speaks version {PROTOCOL_VERSION}", "unsupported_version", rid=rid)
     t = obj.get("t")
     try:
         kind = MessageType(t) if isinstance(t, str) else None
     except ValueError:
         kind = None
     if kind is None:
-        raise ProtocolError(f"unknown message type {t!r}", "unknown_type")
+        what = "has no field 't'" if "t" not in obj else f"has the type {_shown(t)}"
+        raise ProtocolError(f"unknown message type: the frame {what}; known types: "
+                            f"{', '.join(m.value for m in MessageType)}", "unknown_type",
+                            rid=rid)
     try:
         message: Message = _DECODERS[kind](_Fields(obj, kind))
     except ProtocolError as exc:
-        if exc.message_type is not None:
-            raise
-        raise ProtocolError(exc.message, exc.code, str(kind)) from None
+        raise ProtocolError(exc.message, exc.code, exc.message_type or str(kind),
+                            rid=rid) from None
     return message
+
+
+def _shown(value: Any) -> str:
+    """A value for a person: strings quoted, other values as msgpack would name them."""
+    if isinstance(value, str):
+        return f'"{value[:40]}"'
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "nil"}[value]
+    if isinstance(value, int | float):
+        return str(value)
+    return f"of kind {_kind(value)}"
 
 
 class _Fields:
@@ -459,15 +473,27 @@ class _Fields:
             raise self._fail(key, f"must be true or false, got {_kind(value)}")
         return value
 
-    def power(self, key: str) -> float | None:
-        if key not in self.obj or self.obj[key] is None:
+    def _refuse(self, key: str, why: str) -> ProtocolError:
+        # The one rule (protocol.md): a field missing or of the wrong type is `bad_field`; a
+        # number of the right type that is out of range (negative or non-finite power, an
+        # absurd price) is `bad_value`.
+        return ProtocolError(f"{key} {why}", "bad_value", str(self.kind))
+
+    def _number(self, key: str, what: str) -> float | int | None:
+        value = self.obj.get(key)
+        if value is None:
             return None
-        return check_power(self.obj[key], lambda why: self._fail(key, why))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(key, f"must be {what}, got {_kind(value)}")
+        return value
+
+    def power(self, key: str) -> float | None:
+        value = self._number(key, "a number of kW")
+        return None if value is None else check_power(value, lambda w: self._refuse(key, w))
 
     def price(self, key: str) -> float | None:
-        if key not in self.obj or self.obj[key] is None:
-            return None
-        return check_price(self.obj[key], lambda why: self._fail(key, why))
+        value = self._number(key, "a number (price per kWh)")
+        return None if value is None else check_price(value, lambda w: self._refuse(key, w))
 
     def string(self, key: str, max_chars: int) -> str:
         value = self.get(key)
