@@ -38,11 +38,17 @@ Anti-entropy: HELLO carries a digest {origin: version}; the receiver sends what 
 lacks. Pings carry the table hash; two mismatches in a row trigger a digest exchange. This
 repairs lost messages, partitions and restarts without any global step.
 
-Identity: each process has a random nonce. An advert about *us* that is newer than ours comes
-from our past life (data dir wiped) or from a duplicate: we bump above it once per foreign
-nonce; if the same foreign nonce then outbids us again, it is alive, and we report a conflict
-instead of joining an endless bump war. A HELLO from an id that is alive elsewhere in our
-island (other nonce, other endpoint) is refused with BYE duplicate_id.
+Identity: each process has a random nonce. An advert about *us* that is newer than ours was
+not written by us: our past life (data dir wiped), a duplicate, or a forgery. We outbid it, so
+the grid ends up holding what we say; a nonce that outbids us again is outbid only every
+RIVAL_OUTBID_INTERVAL_S and reported as a conflict, so duplicates cannot bump-war. The maximum
+version retracts its origin for a forget period instead of winning. With keys, adverts carry
+their origin's signature and nobody else can write ours (see `Trust`, `Seal`). A HELLO from an
+id that is alive elsewhere in our island (other nonce, other endpoint) is refused with BYE
+duplicate_id.
+
+Balancing (Phase II): adverts may carry a flexibility offer; every member runs the same
+clearing (zgrid/clearing.py) over its island and applies only its own activation (`_balance`).
 
 What one peer may cost us (one frame must never take a node down): refusal BYEs are budgeted
 (`LinkGate`), a sibling gets and has answered at most one digest per ping interval, it may
