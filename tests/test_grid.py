@@ -52,11 +52,16 @@ def test_status_json_has_the_documented_keys(grid: Grid) -> None:
     assert s["siblings"] == [{"id": "n2", "endpoint": n2.endpoint, "up": True, "state": "up",
                               "error": ""}]
     rows = n2.ctl_json("nodes")
+    assert [row["incarnation"] for row in rows] == [1, 1]
+    human = n2.ctl("nodes", check=True).stdout
+    assert "links" in human.splitlines()[0] and human.splitlines()[1].rstrip().endswith("n2")
     assert rows == [
         {"id": "n1", "production": 20.0, "consumption": 0.0, "net": 20.0, "reachable": True,
-         "activation_kw": 0.0},
+         "activation_kw": 0.0, "links": ["n2"], "endpoint": n1.endpoint,
+         "incarnation": rows[0]["incarnation"]},
         {"id": "n2", "production": 0.0, "consumption": 5.0, "net": -5.0, "reachable": True,
-         "activation_kw": 0.0},
+         "activation_kw": 0.0, "links": ["n1"], "endpoint": n2.endpoint,
+         "incarnation": rows[1]["incarnation"]},
     ]
 
 

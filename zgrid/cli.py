@@ -339,14 +339,17 @@ def nodes(ctl: _Ctl) -> None:
     with ctl.client() as client:
         rows = client.nodes()
     public = [{k: row[k] for k in ("id", "production", "consumption", "net", "reachable",
-                                   "activation_kw") if k in row}
+                                   "activation_kw", "links", "endpoint", "incarnation")
+               if k in row}
               for row in rows]
 
     def human() -> None:
-        click.echo(f"{'id':<14}{'production':>14}{'consumption':>14}{'net':>14}  reachable")
+        click.echo(f"{'id':<14}{'production':>14}{'consumption':>14}{'net':>14}  reachable"
+                   "  links")
         for row in rows:
             click.echo(f"{row['id']:<14}{row['production']:>14.3f}{row['consumption']:>14.3f}"
-                       f"{row['net']:>+14.3f}  {'yes' if row['reachable'] else 'no'}")
+                       f"{row['net']:>+14.3f}  {'yes' if row['reachable'] else 'no ':<9}"
+                       f"  {' '.join(row.get('links', []))}")
 
     ctl.emit(public, human)
 
