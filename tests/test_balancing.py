@@ -197,11 +197,24 @@ def test_a_device_offer_is_advertised_without_being_persisted() -> None:
     sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
     n1 = sim.cores[1]
     assert n1 is not None
-    effects = n1.device_changed(Flex(5.0, 0.3, 5.0, -0.1), {"kind": "battery", "soc_kwh": 1.0})
+    effects = n1.device_changed(Flex(5.0, 0.3, 5.0, -0.1), 5.0,
+                                {"kind": "battery", "soc_kwh": 1.0})
     assert effects == [] and n1.own_advert.flex == Flex(5.0, 0.3, 5.0, -0.1)
     sim.run_until(sim.now + SETTLE_S)
     assert n1.activation_kw == 2.0
     assert n1.status(sim.now)["device"] == {"kind": "battery", "soc_kwh": 1.0}
+
+
+def test_a_device_offer_that_barely_moved_is_not_advertised_again() -> None:
+    sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
+    n1 = sim.cores[1]
+    assert n1 is not None
+    n1.device_changed(Flex(5.0, 0.3, 5.0, -0.1), 5.0, {"kind": "battery"})
+    version = n1.own_advert.version
+    n1.device_changed(Flex(4.99, 0.3, 5.0, -0.1), 5.0, {"kind": "battery"})  # 0.2% of rating
+    assert n1.own_advert.version == version and n1.flex.flex_up_kw == 5.0
+    n1.device_changed(Flex(4.9, 0.3, 5.0, -0.1), 5.0, {"kind": "battery"})  # 2%
+    assert n1.own_advert.version > version and n1.flex.flex_up_kw == 4.9
 
 
 def test_a_battery_device_discharges_into_a_real_deficit_and_its_charge_falls(

@@ -79,6 +79,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
 from zgrid.clearing import Clearing, Offer, clear
+from zgrid.devices import meaningful_change
 from zgrid.errors import ControlError, ProtocolError
 from zgrid.persisted import PersistedState
 from zgrid.table import AdvertTable, Merge, exact_units, from_units
@@ -466,6 +467,7 @@ class Core:
         self.activation_kw = 0.0  # what our clearing asks of us now; carried in our advert
         self.device_state: dict[str, Any] | None = None  # the runtime's device, for status
         self._clearing: tuple[tuple[int, frozenset[str]], Clearing] | None = None
+        self._activations: tuple[tuple[int, frozenset[str]], int] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
         self.siblings: dict[str, Sibling] = {}  # by endpoint
@@ -1525,23 +1527,30 @@ class Core:
             self.activation_kw = activation
             self._bump()
 
-    def device_changed(self, flex: Flex, state: Mapping[str, Any]) -> list[Effect]:
+    def device_changed(self, offer: Flex, rating_kw: float, state: Mapping[str, Any]
+                       ) -> list[Effect]:
         """Our device (zgrid/devices.py, run by the runtime, which integrates our activation
-        into it) now offers `flex` and is in `state` (shown in `status`). Not a control
+        into it) now offers `offer` and is in `state` (shown in `status`). Not a control
         request: nobody is acknowledged and nothing is persisted, since a restart rebuilds the
-        offer from the device. A new offer is advertised at once; the runtime calls this only
-        for meaningful changes of the offer, so the grid does not chatter."""
+        offer from the device. The offer is advertised only if it differs meaningfully from
+        the one we advertise (`devices.meaningful_change`), so the grid does not chatter."""
         self.device_state = dict(state)
-        if flex != self.flex:
-            self.flex = flex
+        if meaningful_change(self.flex, offer, rating_kw):
+            self.flex = offer
             self._bump()
         return []
 
     def _activation_units(self, island: frozenset[str]) -> int:
-        """The exact sum of the activations the island's members say they apply."""
+        """The exact sum of the activations the island's members say they apply. O(island),
+        so cached per table version: flush asks for it after every mailbox drain."""
+        key = (self.table.hash, island)
+        if self._activations is not None and self._activations[0] == key:
+            return self._activations[1]
         adverts = self.table.by_origin
-        return sum(exact_units(a.activation_kw) for x in island
-                   if (a := adverts.get(x)) is not None and a.activation_kw)
+        total = sum(exact_units(a.activation_kw) for x in island
+                    if (a := adverts.get(x)) is not None and a.activation_kw)
+        self._activations = (key, total)
+        return total
 
     def balance_view(self, now: float) -> dict[str, Any]:
         """The island's balancing: the imbalance of base values, the net once every member's

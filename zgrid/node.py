@@ -42,7 +42,7 @@ from zgrid.core import (
     SendOnce,
     Trust,
 )
-from zgrid.devices import Device, meaningful_change
+from zgrid.devices import Device
 from zgrid.errors import ProtocolError, StorageFailure, StoreError, ZgridError
 from zgrid.persisted import PersistedState
 from zgrid.security import (
@@ -356,11 +356,10 @@ class Node:
     def _loop(self, poller: zmq.Poller, wake_r: socket.socket) -> None:
         next_device_step = time.monotonic() if self.settings.device is not None else math.inf
         device_at = time.monotonic()
-        advertised: Flex | None = None
         while not any(sig in STOP_SIGNALS for sig in self._signals):
             now = time.monotonic()
             if now >= next_device_step:
-                advertised = self._step_device(now - device_at, advertised)
+                self._step_device(now - device_at)
                 device_at, next_device_step = now, now + DEVICE_STEP_S
             deadline = min(self.core.next_deadline(), next_device_step)
             timeout_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
@@ -378,20 +377,16 @@ class Node:
             self._save_and_acknowledge()
             self._close_idle_one_shots(now)
 
-    def _step_device(self, dt_s: float, advertised: Flex | None) -> Flex:
-        """Integrate what the clearing asked of the device since the last step, then tell the
-        core its offer (the last advertised one unless it changed meaningfully) and state."""
+    def _step_device(self, dt_s: float) -> None:
+        """Integrate what the clearing asked of the device since the last step, then hand the
+        core its offer and state (the core decides whether the offer is worth advertising)."""
         device = self.settings.device
         assert device is not None
         device.apply(self.core.activation_kw, dt_s)
-        offer = device.offer()
-        if advertised is None or meaningful_change(advertised, offer, device.rating_kw):
-            advertised = offer
         state = {"kind": device.kind, **{f.name: getattr(device, f.name)
                                           for f in fields(device)}}  # type: ignore[arg-type]
         state["applied_kw"] = device.applied_kw
-        self._perform(self.core.device_changed(advertised, state))
-        return advertised
+        self._perform(self.core.device_changed(device.offer(), device.rating_kw, state))
 
     def _save_and_acknowledge(self) -> None:
         """Group commit: one save for every change of this loop turn, after their flood went

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -469,27 +470,34 @@ def _check_or_create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str
         _upgrade(db, data_dir, version)
 
 
-def _upgrade(db: sqlite3.Connection, data_dir: Path, version: int) -> None:
-    """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2), with
-    the values that mean "none". One transaction (SQLite's ALTER TABLE and user_version are
-    transactional), so a kill -9 leaves the old version or the new one."""
+@contextlib.contextmanager
+def _schema_transaction(db: sqlite3.Connection, data_dir: Path, doing: str) -> Iterator[None]:
+    """One write transaction for a schema change: SQLite's DDL, ALTER TABLE and the pragmas
+    set in it are transactional, so a kill -9 leaves the file as before or as after."""
     try:
         db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("COMMIT")
+    except sqlite3.Error as e:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise _open_failure(data_dir, e, doing) from e
+
+
+def _upgrade(db: sqlite3.Connection, data_dir: Path, version: int) -> None:
+    """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2), with
+    the values that mean "none"."""
+    with _schema_transaction(db, data_dir, "upgrade"):
         if version < 2:
             db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
         db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
                    f"'{_NO_FLEX_JSON}'")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except sqlite3.Error as e:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise _open_failure(data_dir, e, "upgrade") from e
 
 
 def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None:
-    try:
-        db.execute("BEGIN IMMEDIATE")
+    # A kill -9 leaves either an empty file (created again next time) or all of it.
+    with _schema_transaction(db, data_dir, "create"):
         db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)", (node_id,))
         db.execute(
@@ -498,12 +506,5 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
             " consumption REAL NOT NULL, siblings TEXT NOT NULL,"
             " unlinked TEXT NOT NULL DEFAULT '[]',"
             f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}')")
-        # Pragmas are transactional when set inside the transaction that creates the schema:
-        # a kill -9 leaves either an empty file (created again next time) or all of it.
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute("COMMIT")
-    except sqlite3.Error as e:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        raise _open_failure(data_dir, e, "create") from e
