@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -380,24 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", choices=sorted(bc.CONVERGE_DEGREE),
                         default=list(BALANCE_SIZES), metavar="N",
                         help="grid sizes (default: 4 16)")
-    parser.add_argument("--seed", type=int, default=1, help="topologies, offers and values")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="the nodes' --log-level (their logs go to files in the temp dir)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each grid size, wait up to this long for other processes "
-                        "to stop using CPU")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the temp dir with every node's log and data dir")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    bc.add_run_options(parser, RESULTS_PATH, "topologies, offers and values")
     args = parser.parse_args(argv)
     changes = args.changes or (CHANGES_QUICK if args.quick else CHANGES_FULL)
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bc.stop_on_sigterm()
     info = bc.machine_info()
     print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} / libzmq {info['libzmq']}")
@@ -426,13 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bg = background.end()
             results.setdefault("balance", {})[str(n)] = result
             results[f"{label}_machine_load"] = bg
-            print(f"balance {label} done; machine meanwhile: {bg['machine_busy_cores']:.2f} "
-                  f"cores busy, of which this benchmark and its nodes {bg['ours_cores']:.2f}, "
-                  f"other processes {bg['other_processes_cores']:.2f}; load average "
-                  f"{bg['loadavg_1m']:.2f}")
-            if bg["other_processes_cores"] > bc.BUSY_WARNING_CORES:
-                print("  WARNING: other processes were using CPU meanwhile; these figures are "
-                      "skewed by them")
+            print(f"balance {label} done")
+            bc.report_machine_load(bg)
             bc.write_results(args.output, results)
         if measured:
             report(measured)
@@ -441,15 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         ctx.destroy(linger=0)
-        if failed or args.keep_logs:
-            print(f"node logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["failed_parts"] = failed
-    results["finished"] = time.time()
-    bc.write_results(args.output, results)
-    print(f"\nwrote {args.output}")
-    return 1 if failed else 0
+        bc.keep_or_remove(tmp, bool(failed) or args.keep_logs)
+    return bc.finish(args.output, results, failed)
 
 
 if __name__ == "__main__":

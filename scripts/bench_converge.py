@@ -1201,6 +1201,56 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
     tmp.replace(path)  # a reader never sees half a file
 
 
+def add_run_options(parser: argparse.ArgumentParser, output: Path, seed_help: str) -> None:
+    """The options every bench script takes: seed, node log level, quiet wait, logs, output."""
+    parser.add_argument("--seed", type=int, default=1, help=seed_help)
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="the nodes' --log-level (their logs go to files in the temp dir)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each part, wait up to this long for other processes to "
+                        "stop using CPU (they skew every figure on a small machine)")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the temp dir with every node's log and data dir")
+    parser.add_argument("--output", type=Path, default=output)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM must reach a script's `finally` just as Ctrl-C does: nodes killed, temp dir
+    handled. SIGINT too, even if it was inherited as ignored."""
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def report_machine_load(bg: dict[str, float]) -> None:
+    print(f"  machine during this part: {bg['machine_busy_cores']:.2f} cores busy, of "
+          f"which this benchmark and its nodes {bg['ours_cores']:.2f}, other processes "
+          f"{bg['other_processes_cores']:.2f}; load average {bg['loadavg_1m']:.2f}")
+    if bg["other_processes_cores"] > BUSY_WARNING_CORES:
+        print("  WARNING: other processes were using CPU during this part; its "
+              "figures are skewed by them")
+
+
+def keep_or_remove(tmp: Path, keep: bool) -> None:
+    """The temp dir of node logs and data dirs: kept after a failure or on request."""
+    if keep:
+        print(f"node logs kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish(output: Path, results: dict[str, Any], failed: list[str]) -> int:
+    """Write the final results; the exit status (1 if a part failed)."""
+    results["failed_parts"] = failed
+    results["finished"] = time.time()
+    write_results(output, results)
+    print(f"\nwrote {output}")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
@@ -1216,25 +1266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "what the full run draws")
     parser.add_argument("--no-keys", action="store_true",
                         help="skip the second converge run of N=4 and 16 with --keys")
-    parser.add_argument("--seed", type=int, default=1, help="topologies and values")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="the nodes' --log-level (their logs go to files in the temp dir)")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each part, wait up to this long for other processes to "
-                        "stop using CPU (they skew every figure on a small machine)")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the temp dir with every node's log and data dir")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    add_run_options(parser, RESULTS_PATH, "topologies and values")
     args = parser.parse_args(argv)
     parts = args.only or ["converge", "faults", "idle", "load"]
 
-    # SIGTERM must reach the `finally` below just as Ctrl-C does.
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
+    stop_on_sigterm()
     info = machine_info()
     print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} / libzmq {info['libzmq']}, {info['platform']}")
@@ -1266,27 +1302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bg = background.end()
             results[part] = result
             results[f"{part}_machine_load"] = bg
-            print(f"  machine during this part: {bg['machine_busy_cores']:.2f} cores busy, of "
-                  f"which this benchmark and its nodes {bg['ours_cores']:.2f}, other processes "
-                  f"{bg['other_processes_cores']:.2f}; load average {bg['loadavg_1m']:.2f}")
-            if bg["other_processes_cores"] > BUSY_WARNING_CORES:
-                print("  WARNING: other processes were using CPU during this part; its "
-                      "figures are skewed by them")
+            report_machine_load(bg)
             write_results(args.output, results)  # after each part: a later failure loses none
     except KeyboardInterrupt:
         print("\ninterrupted: every node was killed", file=sys.stderr)
         return 130
     finally:
         ctx.destroy(linger=0)
-        if failed or args.keep_logs:
-            print(f"node logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["failed_parts"] = failed
-    results["finished"] = time.time()
-    write_results(args.output, results)
-    print(f"\nwrote {args.output}")
-    return 1 if failed else 0
+        keep_or_remove(tmp, bool(failed) or args.keep_logs)
+    return finish(args.output, results, failed)
 
 
 if __name__ == "__main__":

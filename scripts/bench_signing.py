@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -416,22 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{NODE_ADVERTS_QUICK} adverts per node run")
     parser.add_argument("--only", choices=["micro", "node"], action="append",
                         help="run only this part (repeatable)")
-    parser.add_argument("--seed", type=int, default=1, help="advert contents")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                        help="before each part, wait up to this long for other processes to "
-                        "stop using CPU")
-    parser.add_argument("--keep-logs", action="store_true")
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    bc.add_run_options(parser, RESULTS_PATH, "advert contents")
     args = parser.parse_args(argv)
     parts = args.only or ["micro", "node"]
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    bc.stop_on_sigterm()
     info = bc.machine_info()
     print(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
           f"pyzmq {info['pyzmq']} / libzmq {info['libzmq']}")
@@ -463,26 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             bg = background.end()
             results[part] = result
             results[f"{part}_machine_load"] = bg
-            print(f"  machine during this part: {bg['machine_busy_cores']:.2f} cores busy, of "
-                  f"which this benchmark and its node {bg['ours_cores']:.2f}, other processes "
-                  f"{bg['other_processes_cores']:.2f}; load average {bg['loadavg_1m']:.2f}")
-            if bg["other_processes_cores"] > bc.BUSY_WARNING_CORES:
-                print("  WARNING: other processes were using CPU during this part; its "
-                      "figures are skewed by them")
+            bc.report_machine_load(bg)
             bc.write_results(args.output, results)
     except KeyboardInterrupt:
         print("\ninterrupted: the node was killed", file=sys.stderr)
         return 130
     finally:
-        if failed or args.keep_logs:
-            print(f"node logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    results["failed_parts"] = failed
-    results["finished"] = time.time()
-    bc.write_results(args.output, results)
-    print(f"\nwrote {args.output}")
-    return 1 if failed else 0
+        bc.keep_or_remove(tmp, bool(failed) or args.keep_logs)
+    return bc.finish(args.output, results, failed)
 
 
 if __name__ == "__main__":
