@@ -7,12 +7,14 @@ Simulator tests (virtual time, unmodified cores) and real processes driven by zg
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from zgrid.clearing import Clearing, Offer, clear
 from zgrid.core import Core
 from zgrid.sim import Simulator, converged_sim
 from zgrid.table import AdvertTable
@@ -108,6 +110,36 @@ def test_the_clearing_does_not_depend_on_the_order_adverts_arrived_in() -> None:
     other = Core.converged(first.config, reversed_table, [], sim.now)
     assert other.clearing(sim.now).hash == first.clearing(sim.now).hash
     assert len({c.clearing(sim.now).hash for c in cores(sim)}) == 1
+
+
+def fresh_clearing(core: Core, now: float) -> Clearing:
+    """The clearing of `core`'s island computed afresh from its table, with no offer book."""
+    adverts = core.table.by_origin
+    return clear([Offer(a.origin, a.production, a.consumption,
+                        *((a.flex.flex_up_kw, a.flex.price_up, a.flex.flex_down_kw,
+                           a.flex.price_down) if a.flex else (0.0, 0.0, 0.0, 0.0)))
+                  for x in core.table.island(now) if (a := adverts.get(x)) is not None])
+
+
+def test_the_kept_offer_book_clears_as_the_table_read_afresh_through_changes_and_splits() -> None:
+    rng = random.Random(7)
+    sim = converged_sim([(i, i + 1) for i in range(7)], [(1.0, 2.0)] * 8)
+    for step in range(60):
+        i = rng.randrange(8)
+        if step % 3:
+            flex(sim, i, up=rng.choice([0.0, 1.0, 2.5]), price_up=rng.choice([0.1, 0.2]),
+                 down=rng.choice([0.0, 1.5]), price_down=rng.choice([-0.1, 0.1]))
+        else:
+            assert sim.set_value(i, rng.uniform(0, 5), rng.uniform(0, 5)) is not None
+        if step == 20:
+            sim.unlink(3, 4)  # two islands, each with its own clearing
+        if step == 40:
+            sim.link(3, 4)
+        sim.run_until(sim.now + SETTLE_S)
+        for core in cores(sim):
+            expected = fresh_clearing(core, sim.now)
+            assert core.clearing(sim.now) == expected, (step, core.id)
+            assert core.activation_kw == expected.activation_kw(core.id), (step, core.id)
 
 
 def test_a_nodes_offer_is_kept_across_a_restart() -> None:

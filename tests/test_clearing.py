@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from fractions import Fraction
 from random import Random
 
@@ -22,6 +23,7 @@ from zgrid.clearing import (
     Clearing,
     Direction,
     Offer,
+    OfferBook,
     Shortfall,
     canonical_bytes,
     clear,
@@ -310,3 +312,70 @@ def test_the_marginal_group_is_shared_pro_rata_to_within_one_unit(offers: list[O
         share = abs(c.activation_units.get(node_id, 0))
         # share differs from granted * flex / group_flex by less than one unit
         assert abs(share * group_flex - granted * flex) < group_flex
+
+
+# ---------------------------------------------------------------------------- the offer book
+
+def reference_activations(offers: list[Offer]) -> tuple[dict[str, int], int | None, int]:
+    """Rule steps 2-7 written straight from the module docstring, one sort of every candidate,
+    as an oracle for the incremental OfferBook that `clear` and the core use."""
+    imbalance = sum(exact_units(o.production_kw) - exact_units(o.consumption_kw) for o in offers)
+    if imbalance == 0:
+        return {}, None, 0
+    sign = 1 if imbalance < 0 else -1
+    candidates = sorted(
+        (price_milli(o.price_up if sign > 0 else o.price_down), o.node_id,
+         exact_units(o.flex_up_kw if sign > 0 else o.flex_down_kw)) for o in offers
+        if (o.flex_up_kw if sign > 0 else o.flex_down_kw) > 0)
+    remaining, granted, price = abs(imbalance), {}, None
+    for group_price in sorted({p for p, _, _ in candidates}):
+        if remaining == 0:
+            break
+        group = [(node_id, flex) for p, node_id, flex in candidates if p == group_price]
+        group_flex, price = sum(flex for _, flex in group), group_price
+        if group_flex <= remaining:
+            granted.update({node_id: sign * flex for node_id, flex in group})
+            remaining -= group_flex
+            continue
+        shares = [remaining * flex // group_flex for _, flex in group]
+        leftover = remaining - sum(shares)
+        for index, ((node_id, _), share) in enumerate(zip(group, shares, strict=True)):
+            if share + (index < leftover):
+                granted[node_id] = sign * (share + (index < leftover))
+        remaining = 0
+    return granted, price, remaining
+
+
+@given(islands())
+@PROPERTY
+def test_clear_follows_the_documented_rule_exactly(offers: list[Offer]) -> None:
+    c = clear(offers)
+    assert (dict(c.activation_units), c.price_milli, c.shortfall_units) == \
+        reference_activations(offers)
+
+
+@given(islands(), st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=30))
+@PROPERTY
+def test_an_offer_book_updated_offer_by_offer_clears_as_one_built_afresh(
+        offers: list[Offer], edits: list[tuple[int, bool]]) -> None:
+    if not offers:
+        return
+    book = OfferBook()
+    held: dict[str, Offer] = {}
+    for index, keep in edits:  # a history of offers changing and members leaving
+        o = offers[index % len(offers)]
+        if keep:
+            book.set(o.node_id, o.flex_up_kw, o.price_up, o.flex_down_kw, o.price_down)
+            held[o.node_id] = o
+        else:
+            book.remove(o.node_id)
+            held.pop(o.node_id, None)
+    imbalance = sum(exact_units(o.production_kw) - exact_units(o.consumption_kw) for o in offers)
+    members = [replace(o, flex_up_kw=0.0, flex_down_kw=0.0) if o.node_id not in held else o
+               for o in offers]
+    expected = clear(members)
+    got = book.clearing(imbalance)
+    assert got == expected and got.hash == expected.hash
+    for o in offers:  # one member's share alone, as a node computes its own activation
+        assert book.activation_units(o.node_id, imbalance) == \
+            expected.activation_units.get(o.node_id, 0)

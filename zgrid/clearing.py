@@ -63,10 +63,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import groupby, pairwise
+from itertools import pairwise
 from types import MappingProxyType
 
 from zgrid.table import exact_units, from_units
@@ -191,6 +192,176 @@ def clearing_hash(data: bytes) -> int:
                           "little")
 
 
+class _Side:
+    """One direction's offers: members grouped by milli price, the prices kept sorted."""
+
+    __slots__ = ("groups", "prices", "totals")
+
+    def __init__(self) -> None:
+        self.prices: list[int] = []  # ascending: merit order
+        self.groups: dict[int, dict[str, int]] = {}  # price -> {node id: flex units}
+        self.totals: dict[int, int] = {}  # price -> sum of the group's flex units
+
+    def add(self, node_id: str, price: int, units: int) -> None:
+        group = self.groups.get(price)
+        if group is None:
+            insort(self.prices, price)
+            group = self.groups[price] = {}
+            self.totals[price] = 0
+        group[node_id] = units
+        self.totals[price] += units
+
+    def remove(self, node_id: str, price: int) -> None:
+        group = self.groups[price]
+        self.totals[price] -= group.pop(node_id)
+        if not group:
+            del self.groups[price], self.totals[price]
+            self.prices.pop(bisect_left(self.prices, price))
+
+    def grant(self, need: int) -> tuple[dict[str, int], int | None, int]:
+        """Rule step 4 over every group: (units granted by id, clearing price, remaining)."""
+        granted: dict[str, int] = {}
+        price: int | None = None
+        for group_price in self.prices:
+            if need == 0:
+                break
+            price = group_price
+            group_flex = self.totals[group_price]
+            if group_flex <= need:
+                granted.update(self.groups[group_price])
+                need -= group_flex
+                continue
+            granted.update(_marginal_shares(self.groups[group_price], need, group_flex))
+            need = 0
+        return granted, price, need
+
+    def share(self, node_id: str, price: int, need: int) -> int:
+        """What rule step 4 grants `node_id` (offering at `price`) alone: the groups below its
+        price are summed, not walked member by member, and only a marginal group is shared."""
+        below = 0
+        totals = self.totals
+        for group_price in self.prices:
+            if group_price >= price:
+                break
+            below += totals[group_price]
+            if below >= need:
+                return 0
+        left = need - below
+        group = self.groups[price]
+        if totals[price] <= left:
+            return group[node_id]
+        return _marginal_shares(group, left, totals[price]).get(node_id, 0)
+
+
+def _marginal_shares(group: Mapping[str, int], need: int, group_flex: int) -> dict[str, int]:
+    """The marginal group's pro rata shares of `need` < `group_flex`: floor shares, then the
+    leftover units one each to the first members in node-id order (rule step 4)."""
+    members = sorted(group.items())
+    shares = [(node_id, need * flex // group_flex) for node_id, flex in members]
+    leftover = need - sum(share for _, share in shares)
+    granted: dict[str, int] = {}
+    for index, (node_id, share) in enumerate(shares):
+        # Fewer leftover units than members, and each member's floor share is below its flex
+        # (need < group_flex), so one more unit each never exceeds a flex.
+        units = share + (1 if index < leftover else 0)
+        if units:
+            granted[node_id] = units
+    return granted
+
+
+class OfferBook:
+    """An island's offers, kept grouped by price and sorted, so that the island can be cleared
+    again after one member's offer changed without sorting the island again.
+
+    The core keeps one per island and updates it as adverts change (an O(log n) step per
+    changed offer); `clearing` gives exactly what `clear` gives for the same offers (`clear` is
+    built on it), and `activation_units` one member's share alone, which costs the price groups
+    below that member, not the island. A node asks for its own share after every table change,
+    so this is what keeps balancing O(changes) rather than O(island) per message.
+    Holds only offers with some flexibility; base values come in as the imbalance.
+    """
+
+    __slots__ = ("_down", "_held", "_up")
+
+    def __init__(self) -> None:
+        self._up = _Side()
+        self._down = _Side()
+        self._held: dict[str, tuple[int, int, int, int]] = {}  # up price, units; down price, units
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def set(self, node_id: str, flex_up_kw: float, price_up: float, flex_down_kw: float,
+            price_down: float) -> None:
+        """Hold `node_id`'s offer (replacing the one held); zero flex both ways removes it."""
+        entry = (price_milli(price_up), exact_units(flex_up_kw) if flex_up_kw > 0 else 0,
+                 price_milli(price_down), exact_units(flex_down_kw) if flex_down_kw > 0 else 0)
+        if self._held.get(node_id) == entry:
+            return
+        self.remove(node_id)
+        if not entry[1] and not entry[3]:
+            return
+        self._held[node_id] = entry
+        if entry[1]:
+            self._up.add(node_id, entry[0], entry[1])
+        if entry[3]:
+            self._down.add(node_id, entry[2], entry[3])
+
+    def remove(self, node_id: str) -> None:
+        entry = self._held.pop(node_id, None)
+        if entry is None:
+            return
+        if entry[1]:
+            self._up.remove(node_id, entry[0])
+        if entry[3]:
+            self._down.remove(node_id, entry[2])
+
+    def activation_units(self, node_id: str, imbalance_units: int) -> int:
+        """`node_id`'s signed activation in units, equal to `clearing(imbalance_units)`'s."""
+        entry = self._held.get(node_id)
+        if entry is None or imbalance_units == 0:
+            return 0
+        if imbalance_units < 0:
+            return self._up.share(node_id, entry[0], -imbalance_units) if entry[1] else 0
+        return -self._down.share(node_id, entry[2], imbalance_units) if entry[3] else 0
+
+    def clearing(self, imbalance_units: int) -> Clearing:
+        """Clear the island whose base values sum to `imbalance_units` (rule steps 3 to 7)."""
+        if imbalance_units < 0:
+            direction, sign = Direction.UP, 1
+            granted, price, remaining = self._up.grant(-imbalance_units)
+        elif imbalance_units > 0:
+            direction, sign = Direction.DOWN, -1
+            granted, price, remaining = self._down.grant(imbalance_units)
+        else:
+            direction, sign, granted, price, remaining = Direction.NONE, 0, {}, None, 0
+        activation_units = {node_id: sign * units for node_id, units in sorted(granted.items())}
+        balanced = imbalance_units + sum(activation_units.values())
+        if remaining == 0:
+            shortfall = Shortfall.NONE
+        elif direction is Direction.UP:
+            shortfall = Shortfall.SHED_LOAD
+        else:
+            shortfall = Shortfall.CURTAIL_GENERATION
+        return Clearing(
+            direction=direction,
+            imbalance_units=imbalance_units,
+            activation_units=MappingProxyType(activation_units),
+            price_milli=price,
+            shortfall_units=remaining,
+            shortfall=shortfall,
+            balanced_net_units=balanced,
+            imbalance_kw=from_units(imbalance_units),
+            activations=MappingProxyType({node_id: from_units(units)
+                                          for node_id, units in activation_units.items()}),
+            clearing_price=None if price is None else price / PRICE_SCALE_MILLI,
+            shortfall_kw=from_units(remaining),
+            balanced_net_kw=from_units(balanced),
+            hash=clearing_hash(canonical_bytes(imbalance_units, activation_units.items(), price,
+                                               remaining)),
+        )
+
+
 def clear(offers: Sequence[Offer]) -> Clearing:
     """Balance an island: its members' offers in, who moves by how much out (module docstring).
 
@@ -200,67 +371,9 @@ def clear(offers: Sequence[Offer]) -> Clearing:
     for before, after in pairwise(ordered):
         if before.node_id == after.node_id:
             raise ValueError(f"node_id: duplicate offer for {before.node_id!r}")
-
     imbalance = sum(exact_units(o.production_kw) - exact_units(o.consumption_kw)
                     for o in ordered)
-    if imbalance < 0:
-        direction, sign = Direction.UP, 1
-        candidates = [(price_milli(o.price_up), o.node_id, exact_units(o.flex_up_kw))
-                      for o in ordered if o.flex_up_kw > 0]
-    elif imbalance > 0:
-        direction, sign = Direction.DOWN, -1
-        candidates = [(price_milli(o.price_down), o.node_id, exact_units(o.flex_down_kw))
-                      for o in ordered if o.flex_down_kw > 0]
-    else:
-        direction, sign, candidates = Direction.NONE, 0, []
-
-    remaining = abs(imbalance)
-    granted: dict[str, int] = {}
-    price: int | None = None
-    # Sorting on (price, id) keeps each price group in id order: the leftover rule needs it.
-    for group_price, group_iter in groupby(sorted(candidates), key=lambda c: c[0]):
-        if remaining == 0:
-            break
-        group = list(group_iter)
-        group_flex = sum(flex for _, _, flex in group)
-        price = group_price
-        if group_flex <= remaining:
-            for _, node_id, flex in group:
-                granted[node_id] = flex
-            remaining -= group_flex
-            continue
-        shares = [(node_id, remaining * flex // group_flex) for _, node_id, flex in group]
-        leftover = remaining - sum(share for _, share in shares)
-        for index, (node_id, share) in enumerate(shares):
-            # Fewer leftover units than members, and each member's floor share is below its
-            # flex (remaining < group_flex), so one more unit each never exceeds a flex.
-            units = share + (1 if index < leftover else 0)
-            if units:
-                granted[node_id] = units
-        remaining = 0
-
-    activation_units = {node_id: sign * units for node_id, units in sorted(granted.items())}
-    balanced = imbalance + sum(activation_units.values())
-    if remaining == 0:
-        shortfall = Shortfall.NONE
-    elif direction is Direction.UP:
-        shortfall = Shortfall.SHED_LOAD
-    else:
-        shortfall = Shortfall.CURTAIL_GENERATION
-    return Clearing(
-        direction=direction,
-        imbalance_units=imbalance,
-        activation_units=MappingProxyType(activation_units),
-        price_milli=price,
-        shortfall_units=remaining,
-        shortfall=shortfall,
-        balanced_net_units=balanced,
-        imbalance_kw=from_units(imbalance),
-        activations=MappingProxyType({node_id: from_units(units)
-                                      for node_id, units in activation_units.items()}),
-        clearing_price=None if price is None else price / PRICE_SCALE_MILLI,
-        shortfall_kw=from_units(remaining),
-        balanced_net_kw=from_units(balanced),
-        hash=clearing_hash(canonical_bytes(imbalance, activation_units.items(), price,
-                                           remaining)),
-    )
+    book = OfferBook()
+    for o in ordered:
+        book.set(o.node_id, o.flex_up_kw, o.price_up, o.flex_down_kw, o.price_down)
+    return book.clearing(imbalance)

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
-from zgrid.clearing import Clearing, Offer, clear
+from zgrid.clearing import Clearing, OfferBook
 from zgrid.devices import meaningful_change
 from zgrid.errors import ControlError, ProtocolError
 from zgrid.persisted import PersistedState
@@ -435,12 +435,6 @@ _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
 _CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
 
-def _offer(a: Advert) -> Offer:
-    f = a.flex or NO_FLEX
-    return Offer(a.origin, a.production, a.consumption, f.flex_up_kw, f.price_up,
-                 f.flex_down_kw, f.price_down)
-
-
 def _flex_body(f: Flex) -> dict[str, float]:
     return {"flex_up": f.flex_up_kw, "price_up": f.price_up, "flex_down": f.flex_down_kw,
             "price_down": f.price_down}
@@ -467,6 +461,12 @@ class Core:
         self.activation_kw = 0.0  # what our clearing asks of us now; carried in our advert
         self.device_state: dict[str, Any] | None = None  # the runtime's device, for status
         self._clearing: tuple[tuple[int, frozenset[str]], Clearing] | None = None
+        # The island's offers kept sorted (clearing.OfferBook), updated from the table's
+        # changed origins: clearing again after one advert changed costs O(log island), not a
+        # sort of the island, which a node offering flexibility does after every table change.
+        self._book = OfferBook()
+        self._book_island: frozenset[str] | None = None
+        self._balanced_at: tuple[int, frozenset[str]] | None = None
         self._activations: tuple[tuple[int, frozenset[str]], int] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
@@ -1509,20 +1509,48 @@ class Core:
     def clearing(self, now: float) -> Clearing:
         """The island's clearing (zgrid/clearing.py) over its members' base values and offers,
         as every member computes it from the bit-identical table. Cached per table version."""
-        island = self.table.island(now)
+        island = self._sync_book(now)
         key = (self.table.hash, island)
         if self._clearing is not None and self._clearing[0] == key:
             return self._clearing[1]
-        adverts = self.table.by_origin
-        offers = [_offer(adverts[x]) for x in island if x in adverts]
-        result = clear(offers)
+        production, consumption = self.table.exact_units(now)
+        result = self._book.clearing(production - consumption)
         self._clearing = (key, result)
         return result
 
+    def _sync_book(self, now: float) -> frozenset[str]:
+        """Bring the offer book up to the table: the changed origins only, unless the island
+        itself changed (then every member's offer is read again)."""
+        island = self.table.island(now)
+        changed = self.table.take_changed()
+        adverts = self.table.by_origin
+        if island is not self._book_island and island != self._book_island:
+            self._book = OfferBook()
+            members: Iterable[str] = island
+        else:
+            members = changed
+        book = self._book
+        for origin in members:
+            a = adverts.get(origin)
+            f = None if a is None or origin not in island else a.flex
+            if f is None:
+                book.remove(origin)
+            else:
+                book.set(origin, f.flex_up_kw, f.price_up, f.flex_down_kw, f.price_down)
+        self._book_island = island
+        return island
+
     def _balance(self, now: float) -> None:
         """Apply our own activation (and advertise it) when the clearing changed it. The
-        clearing reads base values and offers only, so applying it cannot feed back."""
-        activation = self.clearing(now).activation_kw(self.id)
+        clearing reads base values and offers only, so applying it cannot feed back. Our own
+        share alone is asked of the book: the whole clearing is built only when it is read."""
+        island = self._sync_book(now)
+        key = (self.table.hash, island)
+        if key == self._balanced_at:
+            return
+        self._balanced_at = key
+        production, consumption = self.table.exact_units(now)
+        activation = from_units(self._book.activation_units(self.id, production - consumption))
         if activation != self.activation_kw:
             self.activation_kw = activation
             self._bump()

@@ -70,9 +70,9 @@ class Merge(Enum):
 class AdvertTable:
     """The adverts one node holds, keyed by origin. `owner` is the node holding the table."""
 
-    __slots__ = ("_adverts", "_island", "_island_dirty", "_tombstones", "_units_consumption",
-                 "_units_production", "_unreachable_since", "evicted", "hash", "max_nodes",
-                 "owner")
+    __slots__ = ("_adverts", "_changed", "_island", "_island_dirty", "_tombstones",
+                 "_units_consumption", "_units_production", "_unreachable_since", "evicted",
+                 "hash", "max_nodes", "owner")
 
     def __init__(self, owner: str, max_nodes: int) -> None:
         self.owner = owner
@@ -86,6 +86,9 @@ class AdvertTable:
         self._units_consumption = 0
         self._unreachable_since: dict[str, float] = {}
         self._tombstones: dict[str, tuple[tuple[int, int], float]] = {}  # version, forgotten at
+        # Origins stored or dropped since `take_changed` was last called: what an incremental
+        # reader (the core's offer book) must look at again. Bounded by the origins held.
+        self._changed: set[str] = set()
 
     @classmethod
     def converged(cls, owner: str, adverts: Mapping[str, Advert], max_nodes: int
@@ -207,14 +210,21 @@ class AdvertTable:
         old = self._adverts.pop(origin)
         self.hash ^= entry_hash(old)
         self._unreachable_since.pop(origin, None)
+        self._changed.add(origin)
         self.evicted += 1
 
     def put(self, a: Advert) -> None:
         """Store `a` whatever is held: the owner's own new advert."""
         self._store(a, self._adverts.get(a.origin))
 
+    def take_changed(self) -> set[str]:
+        """The origins stored or dropped since the last call (and forget them)."""
+        changed, self._changed = self._changed, set()
+        return changed
+
     def _store(self, a: Advert, old: Advert | None) -> None:
         self._adverts[a.origin] = a
+        self._changed.add(a.origin)
         if old is None:
             self._tombstones.pop(a.origin, None)
             self.hash ^= entry_hash(a)
@@ -236,6 +246,7 @@ class AdvertTable:
         if old is not None:
             self.hash ^= entry_hash(old)
             self._unreachable_since.pop(origin, None)
+            self._changed.add(origin)
             self._island_dirty = True
         self._tombstones[origin] = ((MAX_COUNTER, MAX_COUNTER), now)
 
@@ -247,6 +258,7 @@ class AdvertTable:
             return
         self.hash ^= entry_hash(old)
         self._unreachable_since.pop(origin, None)
+        self._changed.add(origin)
         self._island_dirty = True
 
     def forget(self, now: float, forget_after_s: float) -> list[str]:
@@ -268,6 +280,7 @@ class AdvertTable:
             if origin not in island and since.setdefault(origin, now) <= limit:
                 del self._adverts[origin]
                 del since[origin]
+                self._changed.add(origin)
                 self.hash ^= entry_hash(old)
                 self._tombstones[origin] = ((old.incarnation, old.seq), now)
                 dropped.append(origin)
