@@ -1,20 +1,31 @@
-# zgrid: every target creates .venv if it is missing and installs the project into it.
+# zgrid: every target creates .venv if it is missing and installs the project into it:
+# `make run` and `make reset` only what running needs, every other target the dev extra too.
 PYTHON ?= python3
 BENCH_ARGS ?=  # options all three bench scripts take, e.g. BENCH_ARGS="--wait-quiet 240"
 VENV   := .venv
 BIN    := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-sim bench-sim-cold soak clean
+.PHONY: run reset test lint bench bench-sim bench-sim-cold soak clean
+
+$(RUN_STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)  # resumes the grid saved by the last run, as it was left
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/run.sh
+
+reset: $(RUN_STAMP)  # forgets the saved grid (not .venv) and starts the demo afresh
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/run.sh --fresh
 
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -28,8 +39,9 @@ bench: $(STAMP)  # real processes: signed adverts; convergence, faults, idle, lo
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_balancing.py $(BENCH_ARGS)
 
-bench-sim: $(STAMP)
+bench-sim: $(STAMP)  # scale of agreement; then Phase II's simulated day (1,000 nodes)
 	$(BIN)/python scripts/bench_sim.py
+	$(BIN)/python scripts/bench_day.py
 
 bench-sim-cold: $(STAMP)  # the 10,000-node cold start: about 15 minutes, about 5 GB
 	$(BIN)/python scripts/bench_sim.py --cold-10k

@@ -160,14 +160,14 @@ def test_what_a_battery_offers_it_can_hold_for_a_whole_control_interval(b: Batte
 
 def test_a_plant_offers_its_headroom_both_ways_at_its_price_and_clamps_activations() -> None:
     p = DispatchablePlant(min_kw=10.0, max_kw=50.0, price=0.12, output_kw=20.0)
-    assert p.offer() == Flex(30.0, 0.12, 10.0, 0.12)
+    assert p.offer() == Flex(30.0, 0.12, 10.0, -0.12)  # turning down saves (pays) the fuel
     assert p.production_kw == 20.0
     p.apply(100.0, 3600.0)
     assert p.applied_kw == 30.0 and p.net_kw == 50.0
     p.apply(-100.0, 1800.0)
     assert p.applied_kw == -10.0 and p.net_kw == 10.0
     assert p.activated_kwh == 30.0 - 5.0
-    assert p.offer() == Flex(30.0, 0.12, 10.0, 0.12)  # the base schedule did not move
+    assert p.offer() == Flex(30.0, 0.12, 10.0, -0.12)  # the base schedule did not move
 
 
 def test_pv_can_only_be_curtailed_down_to_zero() -> None:
@@ -233,11 +233,12 @@ def test_a_change_below_one_percent_of_the_rating_is_not_worth_advertising() -> 
     assert not meaningful_change(old, old, rating_kw=0.0)
 
 
-def test_a_price_change_counts_once_the_clearing_would_see_it_in_milli_units() -> None:
+def test_a_price_change_counts_once_it_reaches_a_hundredth_per_kwh() -> None:
     old = Flex(5.0, 0.2, 5.0, -0.2)
-    assert not meaningful_change(old, Flex(5.0, 0.2004, 5.0, -0.2), rating_kw=5.0)
-    assert meaningful_change(old, Flex(5.0, 0.201, 5.0, -0.2), rating_kw=5.0)
-    assert meaningful_change(old, Flex(5.0, 0.2, 5.0, -0.1994), rating_kw=5.0)
+    assert not meaningful_change(old, Flex(5.0, 0.209, 5.0, -0.2), rating_kw=5.0)
+    assert meaningful_change(old, Flex(5.0, 0.21, 5.0, -0.2), rating_kw=5.0)
+    assert meaningful_change(old, Flex(5.0, 0.2, 5.0, -0.19), rating_kw=5.0)
+    assert not meaningful_change(old, Flex(5.0, 0.2, 5.0, -0.1905), rating_kw=5.0)
 
 
 def test_a_flex_that_reaches_or_leaves_zero_is_always_worth_advertising() -> None:

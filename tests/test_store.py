@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -516,7 +517,7 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_state(data_dir: Pa
         s.save(_state(unlinked=("n4@tcp://127.0.0.1:5004",)))
     db = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         db.close()
     with Store.open(data_dir, "n1") as s:
@@ -567,3 +568,95 @@ def test_bad_unlinked_values_in_the_database_are_refused_on_load(data_dir: Path)
     db.close()
     with Store.open(data_dir, "n1") as s, pytest.raises(StoreError, match="corrupt"):
         s.load()
+
+
+# ---------------------------------------------------------------------------- device state
+
+BATTERY_RECORD = {"kind": "battery", "parameters": {"capacity_kwh": 10.0, "power_kw": 5.0},
+                  "state": {"soc_kwh": 1 / 3, "charged_kwh": 5e-324, "losses_kwh": 0.0}}
+
+
+def _write_version_3_store(data_dir: Path, state: PersistedState) -> None:
+    """A data dir as zgrid wrote it before schema version 4 (no `device` column)."""
+    _write_version_1_store(data_dir, state)
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
+                   "'[5.0,0.125,2.5,-0.1]'")
+        db.execute("PRAGMA user_version = 3")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_a_device_record_round_trips_exactly_with_the_state(data_dir: Path) -> None:
+    with Store.open(data_dir, "n1") as s:
+        assert s.load_device() is None
+        s.save(_state(), device=BATTERY_RECORD)
+        assert s.load_device() == BATTERY_RECORD
+        s.save(_state(incarnation=4))  # no device given: the saved one stays
+        assert s.load_device() == BATTERY_RECORD
+        newer = {**BATTERY_RECORD, "state": {"soc_kwh": 0.25}}
+        s.save(_state(incarnation=5), device=newer)
+    with Store.open(data_dir, "n1") as s:
+        assert s.load_device() == newer and s.load() == _state(incarnation=5)
+
+
+def test_a_version_3_store_is_upgraded_in_place_and_has_no_device_until_saved(
+        data_dir: Path) -> None:
+    _write_version_3_store(data_dir, _state())
+    with Store.open(data_dir, "n1") as s:
+        loaded = s.load()
+        assert loaded == replace(_state(), flex=Flex(5.0, 0.125, 2.5, -0.1))
+        assert s.load_device() is None
+        s.save(_state(), device=BATTERY_RECORD)
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    finally:
+        db.close()
+    with Store.open(data_dir, "n1") as s:
+        assert s.load_device() == BATTERY_RECORD
+
+
+def test_a_version_1_store_is_upgraded_to_hold_a_device_too(data_dir: Path) -> None:
+    _write_version_1_store(data_dir, _state())
+    with Store.open(data_dir, "n1") as s:
+        assert s.load() == _state() and s.load_device() is None
+        s.save(_state(), device=BATTERY_RECORD)
+        assert s.load_device() == BATTERY_RECORD
+
+
+@pytest.mark.parametrize("bad", [
+    {"state": {"soc_kwh": float("nan")}}, {"state": {"soc_kwh": float("inf")}},
+    {"state": object()}, ["not", "a", "mapping"],
+])
+def test_a_device_record_json_cannot_hold_is_refused_and_nothing_changes(
+        store: Store, bad: Any) -> None:
+    store.save(_state(), device=BATTERY_RECORD)
+    with pytest.raises(StoreError, match="device record"):
+        store.save(_state(incarnation=9), device=bad)
+    assert store.load() == _state() and store.load_device() == BATTERY_RECORD
+
+
+@pytest.mark.parametrize("value", ["'not json'", "'[1, 2]'", "42"])
+def test_a_damaged_device_record_is_refused_on_load(data_dir: Path, value: str) -> None:
+    with Store.open(data_dir, "n1") as s:
+        s.save(_state(), device=BATTERY_RECORD)
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    db.execute(f"UPDATE state SET device = {value}")
+    db.commit()
+    db.close()
+    with Store.open(data_dir, "n1") as s, pytest.raises(StoreError, match="corrupt"):
+        s.load_device()
+
+
+def test_a_device_save_that_finds_the_disk_full_keeps_the_last_record(tmp_path: Path) -> None:
+    disk_full = tmp_path / "disk-full"
+    with Store.open(tmp_path / "n1", "n1", fail_saves_while=disk_full) as s:
+        s.save(_state(), device=BATTERY_RECORD)
+        disk_full.touch()
+        with pytest.raises(StorageFailure, match="disk full"):
+            s.save(_state(), device={**BATTERY_RECORD, "state": {"soc_kwh": 0.0}})
+        assert s.load_device() == BATTERY_RECORD

@@ -6,6 +6,11 @@ message and a documented exit code, never a traceback:
 
     0 ok   1 the node refused the request   2 usage error / cannot start   3 no reply in time
 
+zgrid-ctl checks the values a user types before sending them (exit 1, in the user's words:
+"production must be a number >= 0, got -3"), and with --json its errors are one JSON object
+on stderr too. `play` reads, checks and schedules a profile with zgrid.player; this file only
+sends its rows through zgrid.client.Client and prints what happened.
+
 zgrid-node: 0 stopped by a signal, 1 its state cannot be saved (disk full, read-only, I/O
 error: the storage needs fixing), 2 usage error or cannot start.
 """
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +34,8 @@ import click
 from zgrid import __version__
 from zgrid.client import DEFAULT_TIMEOUT_S, Client
 from zgrid.errors import ControlError, NoReply, StorageFailure, ZgridError
+from zgrid.player import Profile, Row, power_error
+from zgrid.wire import MAX_ABS_PRICE
 
 if TYPE_CHECKING:  # the device models load only for a node that has a device
     from zgrid.devices import Device
@@ -36,10 +45,34 @@ EXIT_USAGE = 2
 EXIT_NO_REPLY = 3
 EXIT_STORAGE = 1  # zgrid-node: the state cannot be saved (the same code `Node.run` returns)
 LINK_WAIT_S = 3.0  # how long `zgrid-ctl link` waits to see the new link come up
+LINK_CHECK_S = 1.0  # how long `link ID@ENDPOINT` waits for ENDPOINT to say who it is
+PLAY_LATE_NOTE_S = 0.1  # `play` says when a row went out this much after its time
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+_ERROR_CODES = {EXIT_REFUSED: "refused", EXIT_USAGE: "usage", EXIT_NO_REPLY: "no_reply"}
+
+
+def _json_wanted() -> bool:
+    """Whether the running zgrid-ctl was given --json (then its errors are JSON too)."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if isinstance(ctx.obj, _Ctl):
+            return ctx.obj.json
+        if ctx.parent is None:
+            return bool(ctx.params.get("as_json"))
+        ctx = ctx.parent
+    return False
+
+
+def _fail(message: str, code: int, error: str | None = None, **extra: Any) -> NoReturn:
+    """One line on stderr and exit `code`: `error: MESSAGE`, or with --json a JSON object
+    `{"error": MESSAGE, "code": ERROR_CODE, "exit": CODE, ...extra}`."""
+    if _json_wanted():
+        body = {"error": message, "code": error or _ERROR_CODES.get(code, "error"),
+                "exit": code, **extra}
+        click.echo(json.dumps(body, sort_keys=True), err=True)
+    else:
+        click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
@@ -118,6 +151,16 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
     device = None if device_file is None else _load_device(device_file)
     if device is not None and flex.offered:
         raise usage("--device makes the offers: leave out --flex-up and --flex-down")
+    if device is not None:  # one source per value: the device's, not a flag as well
+        from click.core import ParameterSource
+
+        from zgrid.devices import base_values
+
+        for name, value in base_values(device).items():
+            if click.get_current_context().get_parameter_source(name) is not (
+                    ParameterSource.DEFAULT):
+                raise usage(f"--{name}: the {device.kind} in {device_file} gives this node's "
+                            f"{name} ({value:g} kW): leave out --{name}, or change the file")
     if dead_after <= ping_interval:
         raise usage("--dead-after must be longer than --ping-interval")
 
@@ -177,11 +220,19 @@ class _Ctl:
                         as_name=self.as_name) as client:
                 yield client
         except NoReply as exc:
-            _fail(exc.message, EXIT_NO_REPLY)
+            _fail(exc.message, EXIT_NO_REPLY, exc.code)
         except ControlError as exc:
-            _fail(exc.message, EXIT_USAGE if exc.code == "usage" else EXIT_REFUSED)
+            _fail(exc.message, EXIT_USAGE if exc.code == "usage" else EXIT_REFUSED, exc.code)
         except ZgridError as exc:
-            _fail(exc.message, EXIT_USAGE)
+            _fail(exc.message, EXIT_USAGE, exc.code)
+
+    def connect(self, address: str | None = None, timeout: float | None = None) -> Client:
+        """A client of `address` (default: --node) with this command's keys; the caller
+        closes it and handles its errors."""
+        node = address or self.node
+        assert node is not None
+        return Client(node, self.timeout if timeout is None else timeout, keys_dir=self.keys,
+                      as_name=self.as_name)
 
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         if self.json:
@@ -193,7 +244,21 @@ class _Ctl:
 pass_ctl = click.make_pass_decorator(_Ctl)
 
 
-@click.group(name="zgrid-ctl", context_settings={"help_option_names": ["-h", "--help"]})
+class _CtlGroup(click.Group):
+    """zgrid-ctl's group: with --json, a usage error of a command is JSON too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if not (isinstance(ctx.obj, _Ctl) and ctx.obj.json) and not ctx.params.get(
+                    "as_json"):
+                raise
+            _fail(exc.format_message(), EXIT_USAGE)
+
+
+@click.group(name="zgrid-ctl", cls=_CtlGroup,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="zgrid-ctl")
 @click.option("--node", envvar="ZGRID_NODE", metavar="[ID@]ENDPOINT",
               help="The node to talk to (or env ZGRID_NODE).")
@@ -212,7 +277,7 @@ def ctl_main(ctx: click.Context, node: str | None, as_json: bool, timeout: float
 
 
 _BALANCING_KEYS = ("imbalance_kw", "balanced_net_kw", "clearing_price", "shortfall_kw",
-                   "clearing_hash")
+                   "clearing_hash", "activation_kw")
 
 
 def _net(x: float) -> str:
@@ -266,6 +331,15 @@ def status(ctl: _Ctl) -> None:
     ctl.emit(s, human)
 
 
+def _check_values(**powers: float | None) -> None:
+    """Refuse a bad power before asking the node, in the user's words (exit 1, nothing sent):
+    the node would refuse it too, and says it in the protocol's."""
+    for name, value in powers.items():
+        problem = None if value is None else power_error(name, value)
+        if problem is not None:
+            _fail(problem, EXIT_REFUSED, "bad_value")
+
+
 @ctl_main.command(name="set")
 @click.option("--production", type=float, help="Production in kW.")
 @click.option("--consumption", type=float, help="Consumption in kW.")
@@ -274,6 +348,7 @@ def set_(ctl: _Ctl, production: float | None, consumption: float | None) -> None
     """Change this node's production and/or consumption."""
     if production is None and consumption is None:
         raise click.UsageError("give --production, --consumption or both")
+    _check_values(production=production, consumption=consumption)
     with ctl.client() as client:
         r = client.set(production, consumption)
     ctl.emit(r, lambda: click.echo(
@@ -292,6 +367,11 @@ def flex(ctl: _Ctl, flex_up: float | None, price_up: float | None, flex_down: fl
     """Change this node's flexibility offer (Phase II balancing)."""
     if flex_up is None and price_up is None and flex_down is None and price_down is None:
         raise click.UsageError("give at least one of --up, --price-up, --down, --price-down")
+    _check_values(flex_up=flex_up, flex_down=flex_down)
+    for name, price in (("price_up", price_up), ("price_down", price_down)):
+        if price is not None and not (math.isfinite(price) and abs(price) <= MAX_ABS_PRICE):
+            _fail(f"{name} must be a price between -{MAX_ABS_PRICE:.0f} and "
+                  f"{MAX_ABS_PRICE:.0f} per kWh, got {price:g}", EXIT_REFUSED, "bad_value")
     with ctl.client() as client:
         r = client.flex(flex_up, price_up, flex_down, price_down)
     ctl.emit(r, lambda: click.echo(
@@ -303,23 +383,79 @@ def flex(ctl: _Ctl, flex_up: float | None, price_up: float | None, flex_down: fl
 @click.argument("endpoint", metavar="[ID@]ENDPOINT")
 @pass_ctl
 def link(ctl: _Ctl, endpoint: str) -> None:
-    """Link this node with a sibling (both ends end up linked)."""
+    """Link this node with a sibling (both ends end up linked).
+
+    With ID@ENDPOINT, a node at ENDPOINT that reports another id is refused and nothing
+    changes. A link not up within the wait exits 3: the node keeps trying until `unlink`."""
+    expected = _expected_id(endpoint)
+    if expected is not None and ctl.node and _can_ask_directly(ctl.node, endpoint):
+        _refuse_wrong_node(ctl, endpoint, expected)
+    wait_s = min(LINK_WAIT_S, ctl.timeout * 2)
     with ctl.client() as client:
         r = client.link(endpoint)
         sibling = r["sibling"]
-        deadline = time.monotonic() + min(LINK_WAIT_S, ctl.timeout * 2)
-        while sibling["state"] == "connecting" and time.monotonic() < deadline:
+        if not r["created"] and expected is not None and sibling["id"] not in (None, expected):
+            _fail(f"{sibling['endpoint']} is already a sibling, as node {sibling['id']}, not "
+                  f"{expected}: nothing changed", EXIT_REFUSED, "wrong_node", sibling=sibling)
+        deadline = time.monotonic() + wait_s
+        while sibling["state"] not in ("up", "refused") and time.monotonic() < deadline:
             time.sleep(0.02)  # polling the node's own status: a condition, not a fixed wait
             current = [s for s in client.status()["siblings"]
                        if s["endpoint"] == sibling["endpoint"]]
             if not current:
                 break
             sibling = current[0]
+    stop = f"zgrid-ctl --node {ctl.node} unlink {sibling['endpoint']}"
     if sibling["state"] == "refused":
-        _fail(f"{sibling['endpoint']} refused the link: {sibling['error']}", EXIT_REFUSED)
+        _fail(f"{sibling['endpoint']} refused the link: {sibling['error']}. The node keeps it "
+              f"as a refused sibling and tries again now and then; to stop: {stop}",
+              EXIT_REFUSED, "link_refused", sibling=sibling)
+    if not sibling["up"]:
+        _fail(f"the link to {sibling['endpoint']} is not up after {wait_s:g}s (it is "
+              f"{sibling['state']}). The node keeps trying; to stop: {stop}", EXIT_NO_REPLY,
+              "link_not_up", sibling=sibling)
     ctl.emit(sibling, lambda: click.echo(
-        f"linked {sibling['id'] or '?'} at {sibling['endpoint']}: {sibling['state']}"
-        + ("" if sibling["up"] else " (the node keeps trying)")))
+        f"linked {sibling['id'] or '?'} at {sibling['endpoint']}: {sibling['state']}"))
+
+
+def _expected_id(address: str) -> str | None:
+    """The id in ID@ENDPOINT, if the address is well formed (else the node says what is
+    wrong with it)."""
+    from zgrid.errors import ProtocolError
+    from zgrid.wire import parse_sibling_address
+
+    try:
+        return parse_sibling_address(address)[0]
+    except ProtocolError:
+        return None
+
+
+def _can_ask_directly(node: str, address: str) -> bool:
+    """Whether `address` means the same to us as to the node at `node`: a loopback address
+    given to a node on another host names that host, not ours."""
+    import ipaddress
+
+    def loopback(endpoint: str) -> bool:
+        host = endpoint.rpartition("@")[2].removeprefix("tcp://").rpartition(":")[0]
+        try:
+            return ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    return loopback(node) or not loopback(address)
+
+
+def _refuse_wrong_node(ctl: _Ctl, address: str, expected: str) -> None:
+    """Ask the node at `address` who it is; exit 1 if it is not `expected`. One that does not
+    answer us is left to the node, which checks the id itself when it dials."""
+    try:
+        with ctl.connect(address, timeout=min(ctl.timeout, LINK_CHECK_S)) as peer:
+            peer.status()
+    except ControlError as exc:
+        if exc.code == "wrong_node":
+            _fail(f"not linked: {exc.message}", EXIT_REFUSED, "wrong_node")
+    except ZgridError:
+        pass
 
 
 @ctl_main.command()
@@ -355,28 +491,225 @@ def nodes(ctl: _Ctl) -> None:
 
 
 @ctl_main.command()
+@click.option("--follow", is_flag=True,
+              help="Keep watching when the node stops answering (stopped, restarted, frozen): "
+                   "say so, wait for it, and carry on when it is back.")
 @pass_ctl
-def watch(ctl: _Ctl) -> None:
+def watch(ctl: _Ctl, follow: bool) -> None:
     """Stream the node's view of the grid as it changes, until Ctrl-C."""
-    with ctl.client() as client:
-        try:
-            for view in client.watch():
-                line = {"ts": view["ts"], "id": view["id"], "total_net": view["total_net"],
-                        "island_size": view["island_size"], "island": view["island"],
-                        "total_production": view["total_production"],
-                        "total_consumption": view["total_consumption"]}
-                balancing = {k: view[k] for k in _BALANCING_KEYS if k in view}
-                line.update(balancing)
-                stamp = datetime.fromtimestamp(view["ts"]).isoformat(timespec="milliseconds")
-                text = (f"{stamp} {view['id']} total_net={view['total_net']:+.3f} kW "
-                        f"island={view['island_size']} ({' '.join(view['island'])})")
-                if balancing:  # a node that balances (Phase II)
-                    text += (f" imbalance={_net(view['imbalance_kw'])} kW balanced_net="
-                             f"{_net(view['balanced_net_kw'])} kW")
-                ctl.emit(line, lambda text=text: click.echo(text))  # type: ignore[misc]
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass
+    shown = _ViewPrinter(ctl)
+    try:
+        if not follow:
+            with ctl.client() as client:
+                for view in client.watch():
+                    shown.view(view)
+            return
+        if not ctl.node:
+            _fail("say which node: --node ENDPOINT or ZGRID_NODE=ENDPOINT", EXIT_USAGE)
+        while True:  # each pass waits up to --timeout for an answer: no busy loop
+            try:
+                with ctl.connect() as client:
+                    for view in client.watch():
+                        shown.answering(True)
+                        shown.view(view)
+            except NoReply:
+                shown.answering(False)
+            except ControlError as exc:
+                _fail(exc.message, EXIT_USAGE if exc.code == "usage" else EXIT_REFUSED,
+                      exc.code)
+            except ZgridError as exc:
+                _fail(exc.message, EXIT_USAGE, exc.code)
+    except KeyboardInterrupt:
+        pass
+
+
+class _ViewPrinter:
+    """What `watch` prints: one line per view, and (with --follow) when the node stops and
+    starts answering."""
+
+    def __init__(self, ctl: _Ctl) -> None:
+        self.ctl = ctl
+        self.who = ctl.node or "?"
+        self.up = True
+        self.active = False  # the node applied an activation in a view we printed
+
+    def view(self, view: dict[str, Any]) -> None:
+        self.who = view["id"]
+        line = {"ts": view["ts"], "id": view["id"], "total_net": view["total_net"],
+                "island_size": view["island_size"], "island": view["island"],
+                "total_production": view["total_production"],
+                "total_consumption": view["total_consumption"]}
+        balancing = {k: view[k] for k in _BALANCING_KEYS if k in view}
+        line.update(balancing)
+        text = (f"{_stamp(view['ts'])} {view['id']} total_net={view['total_net']:+.3f} kW "
+                f"island={view['island_size']} ({' '.join(view['island'])})")
+        if "imbalance_kw" in balancing:  # a node that balances (Phase II)
+            text += (f" imbalance={_net(view['imbalance_kw'])} kW balanced_net="
+                     f"{_net(view['balanced_net_kw'])} kW")
+        activation = view.get("activation_kw") or 0.0
+        if activation or self.active:  # this node's own share, while it has (or had) one
+            text += f" activation={_net(activation)} kW"
+            self.active = activation != 0.0
+        self.ctl.emit(line, lambda: click.echo(text))
+        sys.stdout.flush()
+
+    def answering(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        now = time.time()
+        note = ("answering again" if up else
+                f"stopped answering (no reply within {self.ctl.timeout:g}s); waiting for it")
+        if self.ctl.json:
+            click.echo(json.dumps({"ts": now, "id": self.who, "node": self.ctl.node,
+                                   "answering": up}, sort_keys=True), err=True)
+        else:
+            click.echo(f"{_stamp(now)} {self.who} ({self.ctl.node}) {note}", err=True)
+        sys.stderr.flush()
+
+
+def _stamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts).isoformat(timespec="milliseconds")
+
+
+@ctl_main.command()
+@click.argument("profile_file", metavar="PROFILE.csv",
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--speed", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
+              show_default=True, help="Profile seconds per wall second (60: a minute a second).")
+@click.option("--loop", is_flag=True, help="Play it again from the start, until Ctrl-C.")
+@click.option("--start", "start_s", type=click.FloatRange(min=0.0), default=0.0,
+              show_default=True, metavar="S",
+              help="Start at profile second S; each node first gets the values the profile "
+                   "had given it by then.")
+@pass_ctl
+def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float) -> None:
+    """Replay a recorded profile (CSV: time_s, node, production, consumption) into the grid.
+
+    The whole file is checked before anything is sent. Each row is a `set` of its node (the
+    node column, or --node), sent at its time; one line per row. Ctrl-C or SIGTERM stops."""
+    from zgrid.player import Outcome, Player, ProfileError, load_profile, schedule
+
+    try:
+        profile = load_profile(profile_file, ctl.node)
+        steps = schedule(profile, start_s, loop)
+    except ProfileError as exc:
+        _fail(exc.message, EXIT_USAGE, exc.code)
+    addresses = _play_addresses(ctl, profile)
+    clients: dict[str, Client] = {}
+
+    def send(row: Row) -> dict[str, Any]:
+        client = clients.get(row.node)
+        if client is None:
+            client = clients[row.node] = ctl.connect(addresses[row.node])
+        return client.set(row.production, row.consumption)
+
+    def report(o: Outcome) -> None:
+        row, step = o.step.row, o.step
+        where = {"line": row.line, "time_s": row.time_s, "loop": step.loop, "node": row.node,
+                 "set": row.values, "late_s": round(o.late_s, 6), "catch_up": step.catch_up}
+        when = _profile_clock(row.time_s) + (f" (loop {step.loop + 1})" if loop else "")
+        if o.error is not None:
+            if ctl.json:
+                click.echo(json.dumps({"ok": False, **where, "error": o.error.message,
+                                       "code": o.error.code}, sort_keys=True))
+            else:
+                click.echo(f"error: {when} line {row.line} {row.node}: {o.error.message}",
+                           err=True)
+            return
+        r = o.reply or {}
+        if ctl.json:
+            click.echo(json.dumps({"ok": True, **where, "production": r.get("production"),
+                                   "consumption": r.get("consumption"), "net": r.get("net")},
+                                  sort_keys=True))
+        else:
+            sets = "  ".join(f"{k} {_kw(v)}" for k, v in row.values.items())
+            late = f"  (late {o.late_s:.1f}s)" if o.late_s >= PLAY_LATE_NOTE_S else ""
+            first = " (catching up to --start)" if step.catch_up else ""
+            click.echo(f"{when} line {row.line} {row.node}{first}: {sets} -> net "
+                       f"{r.get('net', 0.0):+.3f} kW{late}")
+        sys.stdout.flush()
+
+    player = Player(send, report, speed)
+    if not ctl.json:
+        span = profile.end_s - min(start_s, profile.end_s)
+        click.echo(f"playing {profile.name}: {len(profile.rows)} rows for "
+                   f"{len(profile.nodes)} node(s), {_duration(span)} of profile at speed "
+                   f"{speed:g} ({_duration(span / speed)}){', looping' if loop else ''}; "
+                   "Ctrl-C stops",
+                   err=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    stopped = False
+    try:
+        player.play(steps)
+    except KeyboardInterrupt:
+        stopped = True
+    finally:
+        for client in clients.values():
+            client.close()
+    if not ctl.json:
+        at = "" if player.last is None else (
+            f" at {_profile_clock(player.last.row.time_s)} (line {player.last.row.line})")
+        click.echo(f"{'stopped' + at if stopped else 'done'}: {player.applied} rows applied, "
+                   f"{len(player.failed)} failed", err=True)
+    if player.failed:
+        codes = {o.error.code for o in player.failed if o.error is not None}
+        sys.exit(EXIT_NO_REPLY if codes == {"no_reply"} else EXIT_REFUSED)
+
+
+def _play_addresses(ctl: _Ctl, profile: Profile) -> dict[str, str]:
+    """The control address of each node the profile names: its own address, or for a node
+    id, ID@ENDPOINT as the --node node knows it. Exit 2 if one cannot be found."""
+    from zgrid.player import is_address
+
+    first_line: dict[str, int] = {}
+    for row in profile.rows:
+        first_line.setdefault(row.node, row.line)
+    ids = [n for n in profile.nodes if not is_address(n)]
+    known: dict[str, str] = {}
+    if ids:
+        if not ctl.node:
+            _fail(f"{profile.name} line {first_line[ids[0]]} names node {ids[0]} by its id: "
+                  "give --node (any node of that grid) to find it", EXIT_USAGE)
+        with ctl.client() as client:
+            known = {n["id"]: f"{n['id']}@{n['endpoint']}" for n in client.nodes()
+                     if n.get("endpoint")}
+        for node_id in ids:
+            if node_id not in known:
+                _fail(f"{profile.name} line {first_line[node_id]}: node {node_id} is not in "
+                      f"the grid as {ctl.node} knows it (it knows: "
+                      f"{' '.join(sorted(known)) or 'nothing'}); nothing was sent", EXIT_USAGE,
+                      "unknown_node")
+    addresses = {n: known.get(n, n) for n in profile.nodes}
+    if ctl.keys is not None:
+        for node, address in addresses.items():
+            if _expected_id(address) is None:
+                _fail(f"{profile.name} line {first_line[node]}: with --keys, name the node as "
+                      f"ID@{node} so its key can be checked", EXIT_USAGE)
+    return addresses
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a play as Ctrl-C does
+
+
+def _duration(seconds: float) -> str:
+    """A span for a person: 0.5 s, 95 s, 23 min 45 s, 2 h 5 min."""
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 120:
+        return f"{minutes} min" + (f" {secs} s" if secs else "")
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h" + (f" {minutes} min" if minutes else "")
+
+
+def _profile_clock(t: float) -> str:
+    """Profile seconds as H:MM:SS (with a fraction if there is one)."""
+    hours, rest = divmod(t, 3600.0)
+    minutes, seconds = divmod(rest, 60.0)
+    secs = f"{seconds:02.0f}" if seconds == int(seconds) else f"{seconds:06.3f}"
+    return f"{int(hours):02d}:{int(minutes):02d}:{secs}"
 
 
 @ctl_main.command()
@@ -403,6 +736,9 @@ def keygen(directory: Path, name: str, operator: bool) -> None:
 
 def sim_main() -> None:
     """zgrid-sim: the simulator's command lives with the simulator (it needs the sim extras)."""
+    if "--version" in sys.argv[1:]:  # answered here, so it works without the extras too
+        click.echo(f"zgrid-sim, version {__version__}")
+        return
     try:
         from zgrid.sim import sim_command
     except ImportError as exc:

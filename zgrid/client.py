@@ -132,7 +132,9 @@ class Client:
                 view = dict(msg.body)
             else:
                 view = {**msg.view, "ts": msg.ts}
-            key = (view.get("total_net"), view.get("island_size"), tuple(view.get("island", ())))
+            # Balancing counts as a change too: the activations follow the totals a flood later.
+            key = (view.get("total_net"), view.get("island_size"), tuple(view.get("island", ())),
+                   view.get("balanced_net_kw"), view.get("activation_kw"))
             if key != last_key:
                 last_key = key
                 yield view

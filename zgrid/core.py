@@ -26,6 +26,14 @@ that died or unlinked disappears as soon as one side stops listing it. A node's 
 everything reachable over such edges; its totals are exact (see table.py) and bit-identical on
 every member.
 
+An edge counts only between live lives: a sibling whose HELLO came from a new life (it
+restarted) is not listed in our advert while we hold the advert of its previous life, which
+still lists us and would make the two-way check count that past life; it is listed again once
+we hold an advert of the new one (`_links`). The HELLO that brings a link UP also gives the
+sibling a `Route`, the connection it dialed to us: what our DEALER to it cannot take yet
+(libzmq may still be reconnecting it, with a backoff of up to 5 s) goes back over that, so an
+answer never waits on a reconnect. HELLO requests never do (`Send.dealer_only`).
+
 Every change of a link's state goes through `Core._transition` (the table `TRANSITIONS` says
 which are legal): it alone clears the sibling's outbox, resets its HELLO schedule, counts flaps
 and bumps our advert when the link stops or starts counting as an edge.
@@ -114,6 +122,11 @@ from zgrid.wire import (
     parse_sibling_address,
 )
 
+# A changed activation is applied this long after the clearing first changed it: the adverts
+# of one burst (a quarter hour's meter readings, every battery's new offer) land over a few
+# flood times, and applying each intermediate clearing made most activated nodes re-advertise
+# twice per change (measured in the simulated day). Short against AGC's 2-4 s.
+BALANCE_HOLDOFF_S = 0.002
 HELLO_RETRY_MIN_S = 0.01  # the first HELLO on a fresh connection is often dropped (IMMEDIATE)
 HELLO_RETRY_MAX_S = 1.0
 REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become free
@@ -172,6 +185,9 @@ class LogLevel(StrEnum):
 
 
 ClientId: TypeAlias = tuple[bytes, ...]  # the routing envelope a message arrived with, opaque
+# The "envelope" of a message that arrived on one of our DEALERs: a sibling answered over the
+# connection we dialed to it (see `Route`). No reply can go back but over that DEALER.
+ON_OUR_DEALER: ClientId = ()
 
 
 class Seal(Protocol):
@@ -222,10 +238,15 @@ class Config:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send to a sibling over our DEALER connected to `endpoint`; drop it if it cannot go now."""
+    """Send to a sibling over our DEALER connected to `endpoint`. If that DEALER cannot take
+    it now (not connected: e.g. still in libzmq's reconnect backoff after the sibling
+    restarted), send it over the sibling's `Route` instead, if it has one; else drop it.
+    `dealer_only`: never over a route (a HELLO request: its token must reach the endpoint
+    dialed, which is what an ack echoing it proves)."""
 
     endpoint: str
     message: PeerMessage
+    dealer_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +266,21 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
+    """Close our DEALER to `endpoint` (and forget its `Route`)."""
+
     endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The sibling we dial at `endpoint` dialed us too: `via` is the routing envelope its
+    HELLO arrived with at our ROUTER, the connection its own DEALER made to us. A `Send` to
+    `endpoint` that our DEALER cannot take goes back over that connection (our ROUTER, to
+    `via`), so an answer never waits on our reconnect backoff. Kept until the next `Route` or
+    `Disconnect` of the endpoint; one that no longer leads anywhere drops what is sent."""
+
+    endpoint: str
+    via: ClientId
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +327,8 @@ class Log:
     text: str
 
 
-Effect: TypeAlias = Send | SendOnce | Connect | Disconnect | Respond | Publish | Persist | Log
+Effect: TypeAlias = (Send | SendOnce | Connect | Disconnect | Route | Respond | Publish | Persist
+                     | Log)
 
 
 # ------------------------------------------------------------------------------------ siblings
@@ -325,6 +361,9 @@ class Sibling:
     # (dialed, token) of a request of its that we answered without our digest (we had not
     # proved it yet): once the link is UP we answer it again, with the digest.
     owed_answer: tuple[str, int] | None = None
+    # The routing envelope its HELLO of this life came with at our ROUTER (see `Route`): ()
+    # until one brings the link UP. What our DEALER cannot take goes back over it.
+    route: ClientId = ()
     introduced: set[str] = field(default_factory=set)  # new origins it gave us, maybe unreachable
     introduced_counted_at: float = -math.inf
     digest_sent_at: float = -math.inf  # at most one digest each way per ping interval
@@ -435,6 +474,9 @@ _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
 _CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
 
+_UNSEEN = object()  # an origin whose offer the book never held (unlike None: it holds none)
+
+
 def _flex_body(f: Flex) -> dict[str, float]:
     return {"flex_up": f.flex_up_kw, "price_up": f.price_up, "flex_down": f.flex_down_kw,
             "price_down": f.price_down}
@@ -466,7 +508,10 @@ class Core:
         # sort of the island, which a node offering flexibility does after every table change.
         self._book = OfferBook()
         self._book_island: frozenset[str] | None = None
+        self._book_flex: dict[str, Flex] = {}  # the offer object the book holds, by origin
         self._balanced_at: tuple[int, frozenset[str]] | None = None
+        self._wanted_kw = 0.0  # the activation our clearing asks for, applied at _balance_due
+        self._balance_due = math.inf
         self._activations: tuple[tuple[int, frozenset[str]], int] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
@@ -676,12 +721,19 @@ class Core:
                authenticated_as: str | None = None) -> list[Effect]:
         """Everything that arrives at our ROUTER: a decoded message, or the error decoding it.
 
-        sender: the routing envelope (where a reply goes). authenticated_as: with keys, the
-        member whose key the connection was authenticated with (None: unknown or no keys).
-        Decides whether it is sibling or control traffic, and whether the sender may talk.
+        sender: the routing envelope (where a reply goes), or ON_OUR_DEALER: it came back
+        from a sibling's ROUTER over our DEALER to it (see `Route`), where only sibling
+        messages belong. authenticated_as: with keys, the member whose key the connection was
+        authenticated with (None: unknown or no keys). Decides whether it is sibling or control
+        traffic, and whether the sender may talk.
         """
         from_peer = isinstance(message, _PEER_MESSAGES) or (
             isinstance(message, ProtocolError) and message.message_type in PEER_TYPES)
+        if sender == ON_OUR_DEALER and not from_peer:  # nobody there to answer: a bad frame
+            if not isinstance(message, ProtocolError):
+                message = ProtocolError(f"a {type(message).__name__} on a sibling connection",
+                                        "unknown_type")
+            from_peer = True
         trust = self.trust
         if trust is not None and (
                 authenticated_as is None or authenticated_as not in trust.members):
@@ -693,7 +745,7 @@ class Core:
         if isinstance(message, ProtocolError):
             return self._bad_frame(sender, message, from_peer, now)
         if isinstance(message, _PEER_MESSAGES):
-            return self._receive(message, now, authenticated_as)
+            return self._receive(message, now, authenticated_as, sender)
         if isinstance(message, _CONTROL_REQUESTS):
             return self._request(sender, message, now, authenticated_as)
         error = ProtocolError(f"a node does not accept {type(message).__name__} messages",
@@ -716,8 +768,8 @@ class Core:
 
     # ------------------------------------------------------------------------ peer messages
 
-    def _receive(self, msg: PeerMessage, now: float, authenticated_as: str | None
-                 ) -> list[Effect]:
+    def _receive(self, msg: PeerMessage, now: float, authenticated_as: str | None,
+                 sender: ClientId = ON_OUR_DEALER) -> list[Effect]:
         self.counters["messages_received"] += 1
         if authenticated_as is not None and authenticated_as != msg.sender:
             self.counters["ignored"] += 1
@@ -725,7 +777,7 @@ class Core:
                         f"be from {msg.sender!r} but signed by {authenticated_as!r}")]
         kind = type(msg)
         if kind is Hello:
-            return self._on_hello(msg, now)  # type: ignore[arg-type]
+            return self._on_hello(msg, now, sender)  # type: ignore[arg-type]
         sib = self._by_id.get(msg.sender)
         if kind is Bye:
             return self._on_bye(msg, sib, now)  # type: ignore[arg-type]
@@ -740,7 +792,8 @@ class Core:
             return self._on_ping(msg, sib, now)  # type: ignore[arg-type]
         return self._on_digest_msg(msg, sib, now)  # type: ignore[arg-type]
 
-    def _on_hello(self, msg: Hello, now: float) -> list[Effect]:
+    def _on_hello(self, msg: Hello, now: float, sender: ClientId = ON_OUR_DEALER
+                  ) -> list[Effect]:
         if msg.sender == self.id:
             if msg.nonce == self.config.nonce:  # we dialed ourselves under another name
                 out: list[Effect] = [
@@ -761,7 +814,7 @@ class Core:
                 and msg.sender in self.table.island(now)):
             return self._refuse_duplicate(msg, f"{msg.sender} is alive at {known.endpoint}", now)
         if msg.ack:
-            return self._on_hello_ack(msg, now)
+            return self._on_hello_ack(msg, now, sender)
         sib = self._by_id.get(msg.sender) or self._dialed_as(msg.sender)
         if sib is None:
             sib = self.siblings.get(msg.endpoint)
@@ -782,7 +835,7 @@ class Core:
             # (it carries our token back), and a requester that sends no digest has not proved
             # us yet: answering lets it, and the link comes UP with the HELLO that follows.
             return [self._answer(msg, sib)]
-        return self._heard_hello(msg, sib, now, proved=False)
+        return self._heard_hello(msg, sib, now, False, sender)
 
     def _answer(self, msg: Hello, sib: Sibling) -> Send:
         """The ack to a request: its dialed and token echoed, and our digest if the endpoint
@@ -792,7 +845,8 @@ class Core:
             sib.owed_answer = (msg.dialed, msg.token)
         return Send(sib.endpoint, self._hello(True, msg.dialed, msg.token, proved=proved))
 
-    def _on_hello_ack(self, msg: Hello, now: float) -> list[Effect]:
+    def _on_hello_ack(self, msg: Hello, now: float, sender: ClientId = ON_OUR_DEALER
+                      ) -> list[Effect]:
         """The answer to a HELLO of ours: the endpoint we dialed, echoed with our token."""
         sib = self.siblings.get(msg.dialed) if msg.dialed else None
         if sib is None or msg.token != self._token(sib.endpoint):
@@ -815,7 +869,7 @@ class Core:
                 return refusal
         sib.peer_endpoint = msg.endpoint
         if msg.digest:
-            return self._heard_hello(msg, sib, now, proved)
+            return self._heard_hello(msg, sib, now, proved, sender)
         # It answered from the endpoint we dialed but has not proved ours yet (no digest): we
         # know who is there, and the link comes UP with its next HELLO, which tells us more.
         if sib.id is None:
@@ -861,12 +915,26 @@ class Core:
         out.extend(self._send_hellos(now))  # ours, which only the node at msg.endpoint can answer
         return out
 
-    def _heard_hello(self, msg: Hello, sib: Sibling, now: float, proved: bool) -> list[Effect]:
-        """A HELLO that shows the sibling alive and who it is: the link is UP."""
+    def _heard_hello(self, msg: Hello, sib: Sibling, now: float, proved: bool,
+                     sender: ClientId = ON_OUR_DEALER) -> list[Effect]:
+        """A HELLO that shows the sibling alive and who it is: the link is UP.
+
+        `sender`: the connection it came over. If that is the sibling's own connection to our
+        ROUTER, it becomes the sibling's `Route`, over which our answer (and anything else our
+        DEALER cannot take yet) goes back at once. A duplicate ack (the link is UP with this
+        life already) is life and nothing more: its request was answered, and each side queues
+        by the other's digest once."""
         out: list[Effect] = []
+        if sender != ON_OUR_DEALER and sender != sib.route:
+            sib.route = sender
+            out.append(Route(sib.endpoint, sender))
         id_learned = sib.id is None
         restarted = sib.nonce is not None and sib.nonce != msg.nonce
         was_up = sib.up
+        if msg.ack and was_up and not restarted and not proved:
+            sib.last_heard = now
+            self.conflict = ""
+            return out
         if id_learned:
             sib.id = msg.sender
             self._by_id[msg.sender] = sib
@@ -960,8 +1028,9 @@ class Core:
     def _on_adverts(self, msg: Adverts, sib: Sibling, now: float) -> list[Effect]:
         bad_signatures = self.counters["bad_signatures"]
         table = self.table
+        held = table.by_origin
         for advert in msg.adverts:
-            new_origin = advert.origin not in table and advert.origin != sib.id
+            new_origin = advert.origin not in held and advert.origin != sib.id
             if new_origin and not self._may_introduce(sib, now):
                 continue
             self._learn(advert, sib, now)
@@ -1076,6 +1145,10 @@ class Core:
         for sib in self.siblings.values():
             if sib.state is LinkState.UP and sib is not source:
                 sib.outbox[a.origin] = a
+        origin = self._by_id.get(a.origin)
+        if origin is not None and origin.state is LinkState.UP and (
+                (a.nonce == origin.nonce) != (a.origin in self.own_advert.links)):
+            self._relist()  # the first advert of a sibling's new life (or one of another)
 
     def _retract(self, a: Advert, now: float) -> None:
         """The maximum version can never be outbid, so no origin ever uses it and it cannot
@@ -1092,6 +1165,8 @@ class Core:
         for sib in self.siblings.values():
             if sib.state is LinkState.UP:
                 sib.outbox[a.origin] = a  # every holder must drop it too
+        if a.origin in self._by_id:
+            self._relist()  # no advert of it held: a past life no longer stands in its way
 
     def _retract_self(self) -> None:
         """Flood a retraction of our own id (our advert at the maximum version): every node
@@ -1376,7 +1451,7 @@ class Core:
     def next_deadline(self) -> float:
         """When `timer` next has something to do (the runtime's poll timeout)."""
         deadline = min(self._next_ping, self._next_forget_check, self._next_outbid,
-                       self._next_storage_retry)
+                       self._next_storage_retry, self._balance_due)
         dead_after_s = self.config.dead_after_s
         for sib in self.siblings.values():
             due = sib.last_heard + dead_after_s if sib.state is LinkState.UP else sib.next_hello
@@ -1396,7 +1471,7 @@ class Core:
             proved = sib.unproved_since is None
             out.append(Send(sib.endpoint, self._hello(
                 False, sib.endpoint, self._token(sib.endpoint), proved=proved,
-                linking=sib.linking and proved)))
+                linking=sib.linking and proved), dealer_only=True))
             if sib.state is LinkState.REFUSED:
                 sib.next_hello = now + REFUSED_RETRY_S
             else:
@@ -1413,11 +1488,11 @@ class Core:
         Leaving UP empties the sibling's outbox (nothing queued may reach it once it is back:
         the HELLO digest decides what it gets). Entering UP resets the HELLO backoff and the
         hash-mismatch count. `retry_at`: when to send the next HELLO (default: soon after DOWN,
-        slowly after REFUSED). Our advert is bumped iff the link starts or stops counting.
+        slowly after REFUSED). Our advert is bumped iff the link starts or stops counting as
+        an edge (`_links`: UP, and not only known by an advert of the sibling's past life).
         """
         if state not in TRANSITIONS[sib.state]:
             raise AssertionError(f"link {sib.name}: {sib.state} -> {state} is not a transition")
-        was_up = sib.state is LinkState.UP
         sib.state, sib.error = state, error
         if state is LinkState.UP:
             sib.last_heard, sib.hash_mismatches = now, 0
@@ -1429,7 +1504,24 @@ class Core:
                 sib.next_hello = now + HELLO_RETRY_MIN_S if retry_at is None else retry_at
             else:
                 sib.next_hello = now + REFUSED_RETRY_S if retry_at is None else retry_at
-        if was_up != (state is LinkState.UP):
+        self._relist()
+
+    def _links(self) -> tuple[str, ...]:
+        """The `links` of our advert: the siblings whose link is UP with a live life of theirs.
+
+        An edge counts only between live lives. A sibling whose HELLO came from a new life
+        (nonce) while we still hold an advert of its previous one is not listed until we hold
+        one of the new life: that old advert still lists us, and the two-way check would count
+        the past life (its values and links) in every island until the new one arrives."""
+        adverts = self.table.by_origin
+        return tuple(sorted(
+            sib.id for sib in self.siblings.values()
+            if sib.state is LinkState.UP and sib.id is not None
+            and ((held := adverts.get(sib.id)) is None or held.nonce == sib.nonce)))
+
+    def _relist(self) -> None:
+        """Bump our advert iff the siblings it lists changed."""
+        if self._links() != self.own_advert.links:
             self._bump()
 
     def _remove(self, sib: Sibling) -> None:
@@ -1438,7 +1530,7 @@ class Core:
         if sib.id is not None and self._by_id.get(sib.id) is sib:
             del self._by_id[sib.id]
         if sib.up:
-            self._bump()
+            self._relist()
 
     def _find_sibling(self, target: str) -> Sibling | None:
         expected, sep, endpoint = target.partition("@")
@@ -1491,8 +1583,7 @@ class Core:
             self.seq += 1
         elif self.incarnation < MAX_COUNTER:  # seq exhausted (only an outbid gets it there)
             self.incarnation, self.seq = self.incarnation + 1, 0
-        links = tuple(sorted(sib.id for sib in self.siblings.values()
-                             if sib.state is LinkState.UP and sib.id is not None))
+        links = self._links()
         offers = self.flex.offered or self.activation_kw != 0.0
         advert = Advert(self.id, self.incarnation, self.seq, self.production, self.consumption,
                         links, self.config.endpoint, self.config.nonce,
@@ -1525,43 +1616,55 @@ class Core:
         changed = self.table.take_changed()
         adverts = self.table.by_origin
         if island is not self._book_island and island != self._book_island:
-            self._book = OfferBook()
+            self._book, self._book_flex = OfferBook(), {}
             members: Iterable[str] = island
         else:
             members = changed
-        book = self._book
+        book, seen = self._book, self._book_flex
         for origin in members:
             a = adverts.get(origin)
             f = None if a is None or origin not in island else a.flex
+            if f is seen.get(origin, _UNSEEN):
+                continue  # most changes are of values or activations: the offer is the same
             if f is None:
                 book.remove(origin)
+                seen.pop(origin, None)
             else:
                 book.set(origin, f.flex_up_kw, f.price_up, f.flex_down_kw, f.price_down)
+                seen[origin] = f
         self._book_island = island
         return island
 
     def _balance(self, now: float) -> None:
-        """Apply our own activation (and advertise it) when the clearing changed it. The
-        clearing reads base values and offers only, so applying it cannot feed back. Our own
-        share alone is asked of the book: the whole clearing is built only when it is read."""
+        """Apply our own activation (and advertise it) when the clearing changed it, once it
+        has held for BALANCE_HOLDOFF_S. The clearing reads base values and offers only, so
+        applying it cannot feed back. Our own share alone is asked of the book: the whole
+        clearing is built only when it is read."""
         island = self._sync_book(now)
         key = (self.table.hash, island)
-        if key == self._balanced_at:
-            return
-        self._balanced_at = key
-        production, consumption = self.table.exact_units(now)
-        activation = from_units(self._book.activation_units(self.id, production - consumption))
-        if activation != self.activation_kw:
-            self.activation_kw = activation
-            self._bump()
+        if key != self._balanced_at:
+            self._balanced_at = key
+            production, consumption = self.table.exact_units(now)
+            self._wanted_kw = from_units(
+                self._book.activation_units(self.id, production - consumption))
+            if self._wanted_kw == self.activation_kw:
+                self._balance_due = math.inf
+            elif self._balance_due == math.inf:
+                self._balance_due = now + BALANCE_HOLDOFF_S
+        if now >= self._balance_due:
+            self._balance_due = math.inf
+            if self._wanted_kw != self.activation_kw:
+                self.activation_kw = self._wanted_kw
+                self._bump()
 
     def device_changed(self, offer: Flex, rating_kw: float, state: Mapping[str, Any]
                        ) -> list[Effect]:
         """Our device (zgrid/devices.py, run by the runtime, which integrates our activation
         into it) now offers `offer` and is in `state` (shown in `status`). Not a control
-        request: nobody is acknowledged and nothing is persisted, since a restart rebuilds the
-        offer from the device. The offer is advertised only if it differs meaningfully from
-        the one we advertise (`devices.meaningful_change`), so the grid does not chatter."""
+        request: nobody is acknowledged and the core persists nothing, since a restart rebuilds
+        the offer from the device (the runtime saves the device's own state, such as a
+        battery's charge, with ours). The offer is advertised only if it differs meaningfully
+        from the one we advertise (`devices.meaningful_change`), so the grid does not chatter."""
         self.device_state = dict(state)
         if meaningful_change(self.flex, offer, rating_kw):
             self.flex = offer
@@ -1610,7 +1713,8 @@ class Core:
         total_net, total_production, total_consumption = self.table.totals(now)
         return {"id": self.id, "total_net": total_net, "total_production": total_production,
                 "total_consumption": total_consumption, "island_size": len(island),
-                "island": sorted(island), **self.balance_view(now)}
+                "island": sorted(island), **self.balance_view(now),
+                "activation_kw": self.activation_kw}  # this node's share, for watchers
 
     def status(self, now: float) -> dict[str, Any]:
         view = self.watch_view(now)

@@ -11,6 +11,18 @@ What it must never do: do I/O, read a clock (time is `dt_s`, passed in), draw ra
 or trust an activation blindly: `apply` clamps it to what the device can physically do right
 now (its last offer may be a control interval old) and records what it did in `applied_kw`.
 
+State that survives a restart: each model names its dynamic fields in `state_fields` (a
+battery's state of charge and its ledger; a plant's, PV's or load's output and counters). The
+node saves `device_record` (kind, parameters, state) with its own state and, on a restart,
+`restore_state` puts the saved state back if the device file still describes the same device
+(same kind and parameters): the file's values of state fields are then only initial values.
+A new model gets this by listing its fields in `state_fields`; `worth_saving` says when the
+state moved enough (SAVE_FRACTION of `state_scale`) to be saved again.
+
+Base values: a model that defines `production_kw` or `consumption_kw` gives its node that
+value (`base_values`: PV and plant production, a load's consumption; a battery gives neither),
+and `follow` moves the model's base output when the node's value is changed (`zgrid-ctl set`).
+
 Sign convention, as in `zgrid.clearing`: an activation > 0 raises the node's net (generate
 more, discharge, shed load), < 0 lowers it (generate less, charge, curtail). Prices are per
 kWh, in whatever currency the grid uses; `price_down` is what the device asks for lowering its
@@ -57,6 +69,11 @@ SECONDS_PER_HOUR = 3600.0
 MAX_CAPACITY_KWH = MAX_POWER_KW * 24.0  # a day at the largest power an advert may carry
 MAX_ABS_PRICE_PER_KWH = MAX_ABS_PRICE  # the wire's limit: an offer must be advertisable
 RE_ADVERTISE_FRACTION = 0.01  # a flex change below 1% of the rating is not worth a flood
+# A price move below a hundredth of the currency unit per kWh is not worth a flood either: a
+# battery's price follows its charge, and re-advertising every milli-unit made every active
+# battery flood the grid once a minute (measured in the simulated day, docs/balancing.md).
+RE_ADVERTISE_PRICE_MILLI = 10
+SAVE_FRACTION = 0.01  # a state move below 1% of `state_scale` is not worth a save
 
 
 
@@ -66,9 +83,9 @@ def meaningful_change(old: Flex, new: Flex, rating_kw: float) -> bool:
 
     True if a flex moved by at least RE_ADVERTISE_FRACTION of `rating_kw`, or became zero, or
     stopped being zero (else a battery that drains in sub-1% steps would keep offering its last
-    crumb forever), or a price moved by at least one milli-unit as the clearing sees prices
-    (`price_milli`: a smaller move could not change any clearing). Compare with the last
-    *advertised* offer, not the last computed one, or slow drift would never be advertised.
+    crumb forever), or a price moved by at least RE_ADVERTISE_PRICE_MILLI milli-units as the
+    clearing sees prices (`price_milli`). Compare with the last *advertised* offer, not the
+    last computed one, or slow drift would never be advertised.
     """
     threshold_kw = RE_ADVERTISE_FRACTION * rating_kw
     for before, after in ((old.flex_up_kw, new.flex_up_kw),
@@ -76,8 +93,10 @@ def meaningful_change(old: Flex, new: Flex, rating_kw: float) -> bool:
         if before != after and (abs(after - before) >= threshold_kw
                                 or before == 0.0 or after == 0.0):
             return True
-    return (price_milli(old.price_up) != price_milli(new.price_up)
-            or price_milli(old.price_down) != price_milli(new.price_down))
+    return (abs(price_milli(old.price_up) - price_milli(new.price_up))
+            >= RE_ADVERTISE_PRICE_MILLI
+            or abs(price_milli(old.price_down) - price_milli(new.price_down))
+            >= RE_ADVERTISE_PRICE_MILLI)
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float:
@@ -109,9 +128,12 @@ class Device(ABC):
     `production_kw` and `consumption_kw` are the device's base contribution to its node's
     advert (what it does with no activation); `applied_kw` is the activation in force since the
     last `apply`, clamped to what the device could do; `rating_kw` scales `meaningful_change`.
+    `state_fields` are the fields that change as the device runs (saved, restored after a
+    restart); every other constructor field is a parameter, which identifies the device.
     """
 
     kind: ClassVar[str]  # its name in the TOML device file: [[kind]]
+    state_fields: ClassVar[tuple[str, ...]] = ()  # its dynamic fields: see the module docstring
     applied_kw: float
 
     @abstractmethod
@@ -140,6 +162,27 @@ class Device(ABC):
         """What the device actually feeds in now: its base net plus the applied activation."""
         return self.production_kw - self.consumption_kw + self.applied_kw
 
+    @property
+    def state_scale(self) -> float:
+        """What a move of a state field is measured against in `worth_saving`: by default the
+        rating (kW, or kWh: an hour at the rating); a battery uses its capacity."""
+        return self.rating_kw
+
+    def follow(self, production_kw: float, consumption_kw: float) -> None:
+        """The node's base values are now these (`zgrid-ctl set`, a profile player): move the
+        device's base output to the values it gives (`base_values`), within what it can do.
+        A model that gives neither (a battery) has nothing to move."""
+        return None
+
+    def parameters(self) -> dict[str, Any]:
+        """The constructor fields that are not state: what identifies the device."""
+        return {f.name: getattr(self, f.name) for f in _fields(self)
+                if f.init and f.name not in self.state_fields}
+
+    def state(self) -> dict[str, float]:
+        """The values of `state_fields`: what a restart must not lose."""
+        return {name: getattr(self, name) for name in self.state_fields}
+
 
 @dataclass
 class Battery(Device):
@@ -162,6 +205,8 @@ class Battery(Device):
     """
 
     kind: ClassVar[str] = "battery"
+    state_fields: ClassVar[tuple[str, ...]] = ("soc_kwh", "charged_kwh", "discharged_kwh",
+                                               "losses_kwh")
 
     capacity_kwh: float
     power_kw: float
@@ -203,6 +248,10 @@ class Battery(Device):
     @property
     def rating_kw(self) -> float:
         return self.power_kw
+
+    @property
+    def state_scale(self) -> float:
+        return self.capacity_kwh  # saved again once the charge moved by 1% of the capacity
 
     def offer(self) -> Flex:
         hours = CONTROL_INTERVAL_S / SECONDS_PER_HOUR
@@ -249,13 +298,17 @@ class Battery(Device):
 class DispatchablePlant(Device):
     """A generator running at `output_kw` that can move anywhere in [min_kw, max_kw].
 
-    Flex: up = max - output, down = output - min, both at `price` (going down saves the fuel
-    that `price` pays for). The activation is an offset from the scheduled `output_kw`, which
-    stays the base value: the clearing must not see its own result (no feedback).
-    `activated_kwh` integrates the signed activation.
+    Flex: up = max - output at `price` (it asks what the fuel costs), down = output - min at
+    `-price`: going down saves the fuel that `price` pays for, so the plant would pay up to
+    `price` per kWh to be let off. In a surplus the clearing takes the cheapest `price_down`
+    first, so the *dearest* plant backs off first, as merit order wants (it saves the most
+    fuel), and before PV is curtailed (price_down >= 0: its energy is free). The activation
+    is an offset from the scheduled `output_kw`, which stays the base value: the clearing must
+    not see its own result (no feedback). `activated_kwh` integrates the signed activation.
     """
 
     kind: ClassVar[str] = "plant"
+    state_fields: ClassVar[tuple[str, ...]] = ("output_kw", "activated_kwh")
 
     min_kw: float
     max_kw: float
@@ -283,7 +336,10 @@ class DispatchablePlant(Device):
 
     def offer(self) -> Flex:
         return Flex(self.max_kw - self.output_kw, self.price,
-                    self.output_kw - self.min_kw, self.price)
+                    self.output_kw - self.min_kw, -self.price)
+
+    def follow(self, production_kw: float, consumption_kw: float) -> None:
+        self.output_kw = min(max(production_kw, self.min_kw), self.max_kw)
 
     def apply(self, activation_kw: float, dt_s: float) -> None:
         activation_kw, dt_s = _step(activation_kw, dt_s)
@@ -302,6 +358,7 @@ class CurtailablePV(Device):
     """
 
     kind: ClassVar[str] = "pv"
+    state_fields: ClassVar[tuple[str, ...]] = ("output_kw", "curtailed_kwh")
 
     output_kw: float
     price_down: float = 0.0
@@ -325,6 +382,9 @@ class CurtailablePV(Device):
     def offer(self) -> Flex:
         return Flex(flex_down_kw=self.output_kw, price_down=self.price_down)
 
+    def follow(self, production_kw: float, consumption_kw: float) -> None:
+        self.output_kw = min(max(production_kw, 0.0), MAX_POWER_KW)
+
     def apply(self, activation_kw: float, dt_s: float) -> None:
         activation_kw, dt_s = _step(activation_kw, dt_s)
         curtailed = min(max(-activation_kw, 0.0), self.output_kw)
@@ -338,6 +398,7 @@ class SheddableLoad(Device):
     at `price` (what an interruption costs its owner per kWh), no flex down."""
 
     kind: ClassVar[str] = "load"
+    state_fields: ClassVar[tuple[str, ...]] = ("kw", "shed_kwh")
 
     kw: float
     price: float
@@ -359,6 +420,9 @@ class SheddableLoad(Device):
     def offer(self) -> Flex:
         return Flex(flex_up_kw=self.kw, price_up=self.price)
 
+    def follow(self, production_kw: float, consumption_kw: float) -> None:
+        self.kw = min(max(consumption_kw, 0.0), MAX_POWER_KW)
+
     def apply(self, activation_kw: float, dt_s: float) -> None:
         activation_kw, dt_s = _step(activation_kw, dt_s)
         shed = min(max(activation_kw, 0.0), self.kw)
@@ -368,6 +432,86 @@ class SheddableLoad(Device):
 
 DEVICE_KINDS: Mapping[str, type[Device]] = {
     cls.kind: cls for cls in (Battery, DispatchablePlant, CurtailablePV, SheddableLoad)}
+
+
+def _fields(device: Device) -> tuple[Any, ...]:
+    return fields(device)  # type: ignore[arg-type]  # every Device is a dataclass
+
+
+def base_values(device: Device) -> dict[str, float]:
+    """The node base values `device` gives, by name ("production", "consumption"): those
+    whose property its model defines. A battery defines neither (its node's flags give them);
+    PV and a plant give production, a load its consumption."""
+    given: dict[str, float] = {}
+    if type(device).production_kw is not Device.production_kw:
+        given["production"] = device.production_kw
+    if type(device).consumption_kw is not Device.consumption_kw:
+        given["consumption"] = device.consumption_kw
+    return given
+
+
+def worth_saving(device: Device, saved: Mapping[str, float] | None) -> bool:
+    """Whether the device's state moved far enough from `saved` (the state saved last, None if
+    none was) to be saved again: some state field moved by at least SAVE_FRACTION of
+    `state_scale`, or became zero (a battery that just emptied)."""
+    if saved is None:
+        return True
+    threshold = SAVE_FRACTION * device.state_scale
+    for name, value in device.state().items():
+        before = saved.get(name)
+        if before is None:
+            return True
+        if value != before and (abs(value - before) >= threshold or value == 0.0):
+            return True
+    return False
+
+
+def device_record(device: Device) -> dict[str, Any]:
+    """What the node saves of its device (JSON-able): its kind, parameters and state."""
+    return {"kind": device.kind, "parameters": device.parameters(), "state": device.state()}
+
+
+def restore_state(device: Device, record: Mapping[str, Any]) -> None:
+    """Put the state of `record` (a `device_record` of an earlier run) into `device`.
+
+    Raises ValueError saying why, and changes nothing, unless `record` describes the same
+    device (the same kind and parameters) with a state that is valid for it.
+    """
+    kind, parameters, state = (record.get(k) for k in ("kind", "parameters", "state"))
+    if kind != device.kind:
+        raise ValueError(f"the saved device is a {kind}, the file describes a {device.kind}")
+    if not isinstance(parameters, Mapping) or not isinstance(state, Mapping):
+        raise ValueError("the saved device record has no parameters or no state")
+    current = device.parameters()
+    changed = sorted(set(parameters) | set(current))
+    changed = [k for k in changed if parameters.get(k, MISSING) != current.get(k, MISSING)]
+    if changed:
+        raise ValueError("the file changed the device's " + ", ".join(
+            f"{k} ({_show(parameters.get(k, MISSING))} -> {_show(current.get(k, MISSING))})"
+            for k in changed))
+    if set(state) != set(device.state_fields):
+        raise ValueError(f"the saved state has the fields {', '.join(sorted(state))}, this "
+                         f"{device.kind} has {', '.join(sorted(device.state_fields))}")
+    init = {f.name for f in _fields(device) if f.init}
+    try:  # the constructor checks what it takes (a charge above capacity ...)
+        restored = _replace(device, {k: v for k, v in state.items() if k in init})
+        for name, value in state.items():
+            if name not in init:
+                setattr(restored, name, _number(name, value, -math.inf, math.inf))
+    except ValueError as exc:
+        raise ValueError(f"the saved state is not valid for this {device.kind}: {exc}"
+                         ) from None
+    for f in _fields(device):
+        setattr(device, f.name, getattr(restored, f.name))
+
+
+def _replace(device: Device, changes: Mapping[str, Any]) -> Device:
+    params = {f.name: getattr(device, f.name) for f in _fields(device) if f.init}
+    return type(device)(**{**params, **changes})
+
+
+def _show(value: Any) -> str:
+    return "none" if value is MISSING else f"{value!r}"
 
 
 def load_devices(data: Mapping[str, Any]) -> list[Device]:

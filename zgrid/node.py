@@ -27,6 +27,7 @@ from pathlib import Path
 import zmq
 
 from zgrid.core import (
+    ON_OUR_DEALER,
     ClientId,
     Config,
     Connect,
@@ -38,11 +39,18 @@ from zgrid.core import (
     Persist,
     Publish,
     Respond,
+    Route,
     Send,
     SendOnce,
     Trust,
 )
-from zgrid.devices import Device
+from zgrid.devices import (
+    Device,
+    base_values,
+    device_record,
+    restore_state,
+    worth_saving,
+)
 from zgrid.errors import ProtocolError, StorageFailure, StoreError, ZgridError
 from zgrid.persisted import PersistedState
 from zgrid.security import (
@@ -60,7 +68,6 @@ from zgrid.wire import (
     Adverts,
     Flex,
     Message,
-    PeerMessage,
     Reply,
     ViewUpdate,
     decode,
@@ -129,6 +136,11 @@ class Node:
         self.settings = settings
         self._ctx = zmq.Context()
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        # A sibling may answer over the connection our DEALER made (see `Route`): each DEALER
+        # is polled too, and what it brings is from the member we dialed (with keys).
+        self._dealt: dict[zmq.Socket[bytes], str | None] = {}  # DEALER -> the id dialed
+        self._routes: dict[str, ClientId] = {}  # endpoint -> the sibling's own connection
+        self._poller = zmq.Poller()
         # (endpoint, peer id) -> DEALER for refusals and when it was last used, oldest first
         self._one_shots: dict[tuple[str, str], tuple[zmq.Socket[bytes], float]] = {}
         self._random = random.Random()
@@ -139,10 +151,16 @@ class Node:
         self._refusals_logged: set[str] = set()
         # What only the runtime sees; merged into every status reply.
         self._counters = {"messages_sent": 0, "bytes_sent": 0, "sends_dropped": 0, "saves": 0,
-                          "save_failures": 0}
+                          "save_failures": 0, "sends_routed": 0}
         self._unsaved: PersistedState | None = None  # flooded, not yet durable
         self._last_encoded: tuple[object, bytes] = (None, b"")
         self._held_replies: list[Respond] = []  # acknowledge `_unsaved`: wait for the save
+        # The device's state as saved last (None: not yet), whether it moved enough since to
+        # be saved again, when it was last stepped, and the base values it could not follow.
+        self._device_saved: dict[str, float] | None = None
+        self._device_save_due = False
+        self._device_at = 0.0
+        self._device_off: dict[str, float] = {}
         self._store = self._open_store()
         try:
             restored = self._restored_state()
@@ -186,12 +204,45 @@ class Node:
         for address in s.siblings:
             parse_sibling_address(address, lambda why: StartupError(f"--sibling {why}"))
         if saved is None:
-            return PersistedState(s.node_id, 0, s.production, s.consumption, s.siblings,
-                                  flex=s.flex)
-        saved = replace(saved, siblings=tuple(a for a in saved.siblings if _valid_saved(a)))
-        endpoints = {parse_sibling_address(a)[1] for a in saved.siblings}
-        extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)
-        return replace(saved, siblings=saved.siblings + extra)
+            state = PersistedState(s.node_id, 0, s.production, s.consumption, s.siblings,
+                                   flex=s.flex)
+        else:
+            saved = replace(saved, siblings=tuple(a for a in saved.siblings if _valid_saved(a)))
+            endpoints = {parse_sibling_address(a)[1] for a in saved.siblings}
+            extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)
+            state = replace(saved, siblings=saved.siblings + extra)
+        if s.device is not None:
+            state = self._restore_device(s.device, state, resuming=saved is not None)
+        return state
+
+    def _restore_device(self, device: Device, state: PersistedState, resuming: bool
+                        ) -> PersistedState:
+        """Resume the device's saved state if the file still describes the same device (then
+        the device follows the node's saved base values: they are the acknowledged ones);
+        otherwise the base values the device gives (`devices.base_values`) replace the node's.
+        """
+        record = self._store.load_device() if resuming else None
+        why = "nothing saved of a device"
+        if record is not None:
+            try:
+                restore_state(device, record)
+            except ValueError as exc:
+                why = str(exc)
+            else:
+                log.info("%s device: resuming its saved state (%s); the device file's values "
+                         "of these are only initial values", device.kind, _show(device.state()))
+                self._device_follows(state.production, state.consumption)
+                return state
+        if resuming:
+            log.info("%s device: starting from the device file (%s), not from a saved state: "
+                     "%s", device.kind, _show(device.state()), why)
+        given = base_values(device)
+        for name, value in given.items():
+            if resuming and value != getattr(state, name):
+                log.info("%s %g kW, as the %s device gives it (the saved value was %g kW)",
+                         name, value, device.kind, getattr(state, name))
+        return replace(state, production=given.get("production", state.production),
+                       consumption=given.get("consumption", state.consumption))
 
     def _install_security(self, keys_dir: Path) -> tuple[Membership, ZapHandler]:
         """The authenticator must be bound before the CURVE ROUTER: CURVE without ZAP lets
@@ -265,10 +316,21 @@ class Node:
         if effect.endpoint in self._dealers:
             return
         try:
-            self._dealers[effect.endpoint] = self._dealer(effect.endpoint, effect.peer_id,
-                                                          immediate=True)
+            dealer = self._dealer(effect.endpoint, effect.peer_id, immediate=True)
         except _CannotDial as exc:
             self._perform(self.core.connect_failed(effect.endpoint, str(exc), time.monotonic()))
+            return
+        self._dealers[effect.endpoint] = dealer
+        self._dealt[dealer] = effect.peer_id
+        self._poller.register(dealer, zmq.POLLIN)
+
+    def _disconnect(self, endpoint: str) -> None:
+        self._routes.pop(endpoint, None)
+        dealer = self._dealers.pop(endpoint, None)
+        if dealer is not None:
+            self._poller.unregister(dealer)
+            del self._dealt[dealer]
+            dealer.close(linger=CLOSE_LINGER_MS)
 
     def _send_once(self, effect: SendOnce) -> None:
         """A message (a refusal) to a node that is not our sibling, over a one-shot DEALER
@@ -312,7 +374,7 @@ class Node:
         previous_fd = signal.set_wakeup_fd(wake_w.fileno())
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (*STOP_SIGNALS, signal.SIGHUP)}
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(wake_r, zmq.POLLIN)
         if self._zap is not None:
@@ -344,6 +406,8 @@ class Node:
                 code = 1
             log.info("%s stopping", self.settings.node_id)
             self._perform(self.core.stop(time.monotonic()))
+            if code == 0:
+                code = self._stop_device()
             return code
         finally:
             signal.set_wakeup_fd(previous_fd)
@@ -355,12 +419,12 @@ class Node:
 
     def _loop(self, poller: zmq.Poller, wake_r: socket.socket) -> None:
         next_device_step = time.monotonic() if self.settings.device is not None else math.inf
-        device_at = time.monotonic()
+        self._device_at = time.monotonic()
         while not any(sig in STOP_SIGNALS for sig in self._signals):
             now = time.monotonic()
             if now >= next_device_step:
-                self._step_device(now - device_at)
-                device_at, next_device_step = now, now + DEVICE_STEP_S
+                self._step_device(now - self._device_at)
+                self._device_at, next_device_step = now, now + DEVICE_STEP_S
             deadline = min(self.core.next_deadline(), next_device_step)
             timeout_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
@@ -370,6 +434,8 @@ class Node:
                 self._drain_zap()  # before the ROUTER: its handshakes wait on us
             if self._router in ready:
                 self._drain_router()
+            for dealer in [d for d in self._dealt if d in ready]:
+                self._drain_dealer(dealer)
             now = time.monotonic()
             if now >= self.core.next_deadline():
                 self._perform(self.core.timer(now))
@@ -378,19 +444,60 @@ class Node:
             self._close_idle_one_shots(now)
 
     def _step_device(self, dt_s: float) -> None:
-        """Integrate what the clearing asked of the device since the last step, then hand the
-        core its offer and state (the core decides whether the offer is worth advertising)."""
+        """Integrate what the clearing asked of the device since the last step (its base output
+        following the node's values first), then hand the core its offer and state (the core
+        decides whether the offer is worth advertising); mark the state for saving at the end
+        of the loop turn if it moved enough (`devices.worth_saving`)."""
         device = self.settings.device
         assert device is not None
+        self._device_follows(self.core.production, self.core.consumption)
         device.apply(self.core.activation_kw, dt_s)
         state = {"kind": device.kind, **{f.name: getattr(device, f.name)
                                           for f in fields(device)}}  # type: ignore[arg-type]
         state["applied_kw"] = device.applied_kw
         self._perform(self.core.device_changed(device.offer(), device.rating_kw, state))
+        if not self._device_save_due and worth_saving(device, self._device_saved):
+            self._device_save_due = True
+
+    def _device_follows(self, production: float, consumption: float) -> None:
+        """The device's base output follows the node's base values (a `set` moved them);
+        what it cannot follow (a plant set beyond its max_kw) is logged once."""
+        device = self.settings.device
+        assert device is not None
+        device.follow(production, consumption)
+        wanted = {"production": production, "consumption": consumption}
+        off = {k: v for k, v in base_values(device).items() if v != wanted[k]}
+        if off and off != self._device_off:
+            log.warning("the %s device cannot follow this node's %s: its offers assume %s",
+                        device.kind, ", ".join(f"{k} {wanted[k]:g} kW" for k in off),
+                        ", ".join(f"{v:g} kW" for v in off.values()))
+        self._device_off = off
+
+    def _stop_device(self) -> int:
+        """At a clean stop: the last partial step, then save the device's state if it moved
+        since it was saved. 0, or 1 if it cannot be saved (the log says what is lost)."""
+        device = self.settings.device
+        if device is None:
+            return 0
+        device.apply(self.core.activation_kw, max(0.0, time.monotonic() - self._device_at))
+        if device.state() == self._device_saved:
+            return 0
+        try:
+            self._save(self.core.persisted_state())
+        except StoreError as exc:
+            log.error("cannot save the %s device's state at stop (%s); it restarts from the "
+                      "state saved last (%s): %s", device.kind, _show(device.state()),
+                      _show(self._device_saved or {}), exc.message)
+            return 1
+        return 0
 
     def _save_and_acknowledge(self) -> None:
         """Group commit: one save for every change of this loop turn, after their flood went
-        out (the fsync no longer delays agreement), then the replies that acknowledge them."""
+        out (the fsync no longer delays agreement), then the replies that acknowledge them.
+        A device whose state moved enough is saved the same way (while saves fail, the core's
+        retries carry it)."""
+        if self._unsaved is None and self._device_save_due and not self.core.storage_error:
+            self._unsaved = self.core.persisted_state()
         saved = True  # nothing to save, or saved
         if self._unsaved is not None:
             if self.settings.crash_before_save and self._held_replies:
@@ -421,18 +528,27 @@ class Node:
             self._respond(effect)
 
     def _save(self, state: PersistedState) -> None:
+        """Save `state` and, with it in one transaction, the device's state."""
+        device = self.settings.device
+        record = None
+        if device is not None:
+            self._device_follows(state.production, state.consumption)
+            record = device_record(device)
         try:
-            self._store.save(state)
+            self._store.save(state, device=record)
         except StoreError:
             self._counters["save_failures"] += 1
             raise
         self._counters["saves"] += 1
+        if record is not None:
+            self._device_saved, self._device_save_due = record["state"], False
 
     def close(self) -> None:
         try:
             for dealer in self._dealers.values():
                 dealer.close(linger=CLOSE_LINGER_MS)
             self._dealers.clear()
+            self._dealt.clear()
             for once, _ in self._one_shots.values():
                 once.close(linger=CLOSE_LINGER_MS)
             self._one_shots.clear()
@@ -513,13 +629,31 @@ class Node:
                 message = exc
             self._perform(self.core.handle(tuple(parts[:-1]), message, time.monotonic(), member))
 
+    def _drain_dealer(self, dealer: zmq.Socket[bytes]) -> None:
+        """What a sibling sent back over our DEALER to it (its ROUTER answering over the
+        connection we made; see `Route`): sibling messages, from the member we dialed."""
+        for _ in range(MAX_DRAIN_FRAMES):
+            if dealer not in self._dealt:  # disconnected by what the last frame did
+                return
+            try:
+                parts = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message: Message | ProtocolError
+            try:
+                message = decode(parts[-1])
+            except ProtocolError as exc:
+                message = exc
+            member = self._dealt[dealer] if self._membership is not None else None
+            self._perform(self.core.handle(ON_OUR_DEALER, message, time.monotonic(), member))
+
     # ------------------------------------------------------------------------ effects
 
     def _perform(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
             match effect:
                 case Send():
-                    self._send(effect.endpoint, effect.message)
+                    self._send(effect)
                 case Respond():
                     if self._unsaved is not None:
                         self._held_replies.append(effect)
@@ -536,9 +670,9 @@ class Node:
                 case Connect():
                     self._connect(effect)
                 case Disconnect():
-                    dealer = self._dealers.pop(effect.endpoint, None)
-                    if dealer is not None:
-                        dealer.close(linger=CLOSE_LINGER_MS)
+                    self._disconnect(effect.endpoint)
+                case Route():
+                    self._routes[effect.endpoint] = effect.via
                 case SendOnce():
                     self._send_once(effect)
                 case Publish():
@@ -546,7 +680,8 @@ class Node:
                 case Log():
                     log.log(_LOG_LEVELS[effect.level], "%s", effect.text)
 
-    def _send(self, endpoint: str, message: PeerMessage) -> None:
+    def _send(self, effect: Send) -> None:
+        endpoint, message = effect.endpoint, effect.message
         dealer = self._dealers.get(endpoint)
         if dealer is None:
             return
@@ -562,9 +697,17 @@ class Node:
             self._last_encoded = (message, frame)
         try:
             dealer.send(frame, zmq.NOBLOCK)
-        except zmq.Again:  # not connected, or the sibling is slow: anti-entropy repairs it
-            self._counters["sends_dropped"] += 1
-            return
+        except zmq.Again:  # not connected (reconnecting), or the sibling is slow
+            via = None if effect.dealer_only else self._routes.get(endpoint)
+            try:
+                if via is None:
+                    raise zmq.Again()
+                # Back over the connection the sibling made to us: no reconnect to wait for.
+                self._router.send_multipart([*via, frame], zmq.NOBLOCK)
+            except zmq.ZMQError:  # that connection is gone too: anti-entropy repairs it
+                self._counters["sends_dropped"] += 1
+                return
+            self._counters["sends_routed"] += 1
         self._counters["messages_sent"] += 1
         self._counters["bytes_sent"] += len(frame)
 
@@ -597,6 +740,10 @@ class Node:
 
 class _CannotDial(Exception):
     """ZeroMQ cannot connect a DEALER to an endpoint; the message says why."""
+
+
+def _show(state: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in state.items())
 
 
 def _valid_saved(address: str) -> bool:

@@ -3,7 +3,9 @@
 What it is for: the runtime saves the core's `PersistedState` (id, incarnation, production,
 consumption, siblings, the siblings it unlinked) and acknowledges a `set`/`link`/`unlink`
 only after `Store.save` has returned, so nothing acknowledged is ever lost; after a restart
-`Store.load` gives the node back its last state.
+`Store.load` gives the node back its last state. With it, in the same row and transaction,
+the runtime saves the state of its device model (`zgrid.devices.device_record`, a JSON
+object the store does not interpret; `Store.load_device` reads it back).
 
 Guarantees:
 - Durability: one SQLite transaction per save, in WAL mode with synchronous=FULL, so the WAL is
@@ -36,7 +38,7 @@ import json
 import math
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,10 +47,10 @@ from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
 from zgrid.wire import Flex, check_node_id
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Versions this zgrid upgrades in place when it opens them (1: no `unlinked` column, 2: no
-# `flex` column).
-UPGRADABLE_SCHEMA_VERSIONS = frozenset({1, 2})
+# `flex` column, 3: no `device` column).
+UPGRADABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3})
 _NO_FLEX_JSON = "[0.0,0.0,0.0,0.0]"
 # PRAGMA application_id marks the file as ours, so a foreign SQLite file is refused, not reused.
 APPLICATION_ID = 0x7A677264  # b"zgrd"
@@ -142,8 +144,29 @@ class Store:
             return None
         return self._decode_row(row)
 
-    def save(self, state: PersistedState) -> None:
+    def load_device(self) -> dict[str, Any] | None:
+        """The device record saved last (a JSON object), or None if none ever was."""
+        db = self._connection()
+        try:
+            row = db.execute("SELECT device FROM state WHERE id = ?",
+                             (_STATE_ROW_ID,)).fetchone()
+        except sqlite3.Error as e:
+            raise _open_failure(self.data_dir, e, "read") from e
+        if row is None or row[0] is None:
+            return None
+        try:
+            record = json.loads(row[0]) if isinstance(row[0], str) else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise self._corrupt(f"the device column is not a JSON object: {row[0]!r:.80}")
+        return record
+
+    def save(self, state: PersistedState, device: Mapping[str, Any] | None = None) -> None:
         """Write `state` durably; returns only once it survives a crash or power loss.
+
+        device: the state of the node's device model (a JSON-able mapping of finite numbers,
+        strings ...), written in the same transaction; None keeps the one saved last.
 
         On StoreError nothing was changed on disk, and the caller must not acknowledge. It is
         a StorageFailure whenever SQLite refused the write (disk full, read-only, I/O error, a
@@ -153,6 +176,7 @@ class Store:
             raise StoreError(f"refusing to save the state of node {state.node_id!r} in the data "
                              f"dir of node {self.node_id!r} ({self.data_dir})")
         _check_state(state)
+        device_json = None if device is None else _encode_device(device)
         db = self._connection()
         siblings = json.dumps(list(state.siblings), separators=(",", ":"))
         unlinked = json.dumps(list(state.unlinked), separators=(",", ":"))
@@ -162,11 +186,13 @@ class Store:
         try:
             # BEGIN IMMEDIATE: take the write lock up front, so a failure cannot come half-way.
             db.execute("BEGIN IMMEDIATE")
+            # The subquery reads the row before it is replaced: no device keeps the saved one.
             db.execute(
                 "INSERT OR REPLACE INTO state (id, incarnation, production, consumption, siblings,"
-                " unlinked, flex) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " unlinked, flex, device) VALUES (?, ?, ?, ?, ?, ?, ?,"
+                " COALESCE(?, (SELECT device FROM state WHERE id = ?)))",
                 (_STATE_ROW_ID, state.incarnation, state.production, state.consumption,
-                 siblings, unlinked, flex))
+                 siblings, unlinked, flex, device_json, _STATE_ROW_ID))
             if self._fail_saves_while is not None and self._fail_saves_while.exists():
                 raise _simulated_full_disk()
             db.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
@@ -323,6 +349,17 @@ def _simulated_full_disk() -> sqlite3.OperationalError:
     error.sqlite_errorcode = sqlite3.SQLITE_FULL
     error.sqlite_errorname = "SQLITE_FULL"
     return error
+
+
+def _encode_device(device: Mapping[str, Any]) -> str:
+    """A device record as JSON text; StoreError for what JSON cannot hold exactly (NaN, an
+    infinity, a value that is not a number, string, list or mapping)."""
+    if not isinstance(device, Mapping):
+        raise StoreError(f"a device record must be a mapping, got {type(device).__name__}")
+    try:
+        return json.dumps(device, allow_nan=False, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"cannot save the device record {device!r:.200}: {e}") from None
 
 
 def _check_state(state: PersistedState) -> None:
@@ -485,13 +522,15 @@ def _schema_transaction(db: sqlite3.Connection, data_dir: Path, doing: str) -> I
 
 
 def _upgrade(db: sqlite3.Connection, data_dir: Path, version: int) -> None:
-    """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2), with
-    the values that mean "none"."""
+    """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2),
+    `device` (versions 1 to 3), with the values that mean "none"."""
     with _schema_transaction(db, data_dir, "upgrade"):
         if version < 2:
             db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
-        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
-                   f"'{_NO_FLEX_JSON}'")
+        if version < 3:
+            db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
+                       f"'{_NO_FLEX_JSON}'")
+        db.execute("ALTER TABLE state ADD COLUMN device TEXT")  # NULL: no device saved
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -505,6 +544,6 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
             " incarnation INTEGER NOT NULL, production REAL NOT NULL,"
             " consumption REAL NOT NULL, siblings TEXT NOT NULL,"
             " unlinked TEXT NOT NULL DEFAULT '[]',"
-            f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}')")
+            f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}', device TEXT)")
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

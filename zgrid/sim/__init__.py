@@ -24,6 +24,8 @@ Which module holds what
 - scenario.py: `Scenario`, topologies and input files, `cold_start`, `converged_sim`, and
   `run_scenario` (build, schedule, settle, report);
 - preload.py: `preload_converged`, the one shortcut: start from an agreed state;
+- day.py: Phase II's simulated day on real profiles (`load_day`, `run_day`), with
+  profiles.py (demandlib and pvlib profile sources) and plots.py (the day's PNG);
 - cli.py: the zgrid-sim command;
 - errors.py: `SimError`.
 

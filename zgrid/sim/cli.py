@@ -86,12 +86,34 @@ class _LatencyType(click.ParamType):  # type: ignore[type-arg]
 @click.option("--strict", is_flag=True, help="also check every island equals its component")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def sim_command(nodes: int, topology: str, degree: int, seed: int, changes: int, loss: float,
+@click.option("--scenario", "scenario_file", type=click.Path(dir_okay=False),
+              help="run a simulated day from a scenario file (TOML: profiles, devices, "
+              "topology; see docs/balancing.md) instead of random changes")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="with --scenario: write day.json and day.png here "
+              "[default: sim-results/<scenario name>]")
+@click.pass_context
+def sim_command(ctx: click.Context, nodes: int, topology: str, degree: int, seed: int,
+                changes: int, loss: float,
                 duplicate: float, reorder: float, latency: Latency, partition: tuple[str, ...],
                 crash: tuple[str, ...], freeze: tuple[str, ...], edges_file: str | None,
                 values_file: str | None, start: str, wire_mode: str, strict: bool,
-                as_json: bool, quiet: bool) -> None:
-    """Simulate a zgrid of NODES nodes under a virtual clock and report convergence."""
+                as_json: bool, quiet: bool, scenario_file: str | None, out_dir: str | None
+                ) -> None:
+    """Simulate a zgrid of NODES nodes under a virtual clock and report convergence, or
+    (--scenario) a whole day of Phase II balancing on real profiles."""
+    if scenario_file is not None:
+        given = [name for name in ctx.params if name not in ("scenario_file", "out_dir",
+                                                              "as_json", "quiet", "seed")
+                 and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--scenario runs the grid its file describes; "
+                                   f"--{given[0].replace('_', '-')} does not apply")
+        seed_given = ctx.get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT
+        _run_day(scenario_file, out_dir, seed if seed_given else None, as_json, quiet)
+        return
+    if out_dir is not None:
+        raise click.UsageError("--out goes with --scenario")
     faults = [(kind, text) for kind, texts in (("partition", partition), ("crash", crash),
                                                ("freeze", freeze)) for text in texts]
     try:
@@ -123,3 +145,50 @@ def sim_command(nodes: int, topology: str, degree: int, seed: int, changes: int,
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if not result["agreed"]:
         sys.exit(1)
+
+
+def _run_day(path: str, out_dir: str | None, seed: int | None, as_json: bool, quiet: bool
+             ) -> None:
+    """zgrid-sim --scenario: run the day, print its summary, write day.json and day.png."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from zgrid.sim.day import load_day, run_day
+    from zgrid.sim.plots import plot_day
+
+    try:
+        sc = load_day(path)
+        if seed is not None:
+            sc = replace(sc, seed=seed)
+    except SimError as exc:
+        raise click.UsageError(str(exc)) from None
+    bar: Any = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=sc.steps, unit="step", file=sys.stderr,
+                   desc=f"{sc.name}: {sc.nodes} nodes")
+
+    def progress(done: int) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = run_day(sc, progress)
+    except SimError as exc:
+        raise click.UsageError(str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    out = Path(out_dir if out_dir is not None else f"sim-results/{sc.name}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "day.json").write_text(json.dumps(
+            {"summary": result.summary, "series": result.series}, indent=1) + "\n")
+        plot_day(result.series, result.summary, out / "day.png")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the results to {out}: {exc.strerror}"
+                                   ) from None
+    summary = {**result.summary, "written": [str(out / "day.json"), str(out / "day.png")]}
+    click.echo(json.dumps(summary, indent=2) if as_json else format_table(summary))

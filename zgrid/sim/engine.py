@@ -12,7 +12,9 @@ engine plays the runtime's part for thousands of cores in one process:
   with a new nonce, restored from that state), freeze and thaw (deliveries and timers held,
   then released in order);
 - effects: `Send`/`SendOnce` go to the network (network.py decides if and when they arrive),
-  `Connect`/`Disconnect` keep the DEALER connections the runtime would have, `Persist` keeps
+  `Connect`/`Disconnect` keep the DEALER connections the runtime would have, `Route` the way
+  back over a sibling's own connection that a `Send` takes when the DEALER is not connected
+  (a DEALER whose peer crashed reconnects with libzmq's backoff), `Persist` keeps
   what a crash leaves behind (and is reported saved: a simulated disk never fails),
   `Respond` collects control replies; `Log` and `Publish` are dropped (nobody reads them in a
   simulation);
@@ -40,12 +42,13 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from zgrid import wire
 from zgrid.core import (
+    ON_OUR_DEALER,
     ClientId,
     Config,
     Connect,
@@ -56,6 +59,7 @@ from zgrid.core import (
     Persist,
     Publish,
     Respond,
+    Route,
     Send,
     SendOnce,
     Trust,
@@ -74,7 +78,7 @@ from zgrid.sim.measurement import (
     check_agreement,
 )
 from zgrid.sim.network import LinkModel, LinkStats, Network, Pair
-from zgrid.wire import Advert, LinkRequest, SetRequest, UnlinkRequest
+from zgrid.wire import Advert, Flex, LinkRequest, SetRequest, UnlinkRequest
 
 ENDPOINT_PORT = 7000
 CONTROL_CLIENT: ClientId = (b"zgrid-sim",)
@@ -84,10 +88,17 @@ PROGRESS_EVERY_EVENTS = 1 << 14
 DECODE_CACHE_MAX_FRAMES = 4096
 MIN_TIMER_STEP_S = 1e-9  # guards against a timer that keeps asking to run at the same instant
 WIRE_MODES = ("full", "fast")
+# A DEALER whose peer went away reconnects as libzmq does with node.py's ZMQ_RECONNECT_IVL and
+# ZMQ_RECONNECT_IVL_MAX: a first attempt after 100 ms, each interval doubling up to 5 s (no
+# jitter: the simulation stays a function of its seed). Until one attempt finds the peer
+# listening again, sends over it are dropped (ZMQ_IMMEDIATE) or take the sibling's Route.
+RECONNECT_IVL_S = 0.1
+RECONNECT_IVL_MAX_S = 5.0
 
 # Event kinds; the heap holds (time, seq, kind, dst, src, payload). `seq` is unique, so tuples
 # never compare past it and ties are broken in scheduling order, identically in every process.
-_DELIVER, _TIMER, _ACTION = 0, 1, 2
+# _DELIVER_BACK: a delivery over the receiver's own DEALER (a sibling's Route back to it).
+_DELIVER, _TIMER, _ACTION, _DELIVER_BACK = 0, 1, 2, 3
 
 Event = tuple[float, int, int, int, int, Any]
 AnObserver = TypeVar("AnObserver", bound=Observer)
@@ -99,6 +110,8 @@ class Stats(LinkStats):
 
     events: int = 0
     delivered: int = 0
+    dropped_unconnected: int = 0  # sends over a DEALER not connected (reconnect backoff)
+    routed_back: int = 0  # sends that took a Route instead (the sibling's own connection)
 
 
 class Simulator:
@@ -137,8 +150,11 @@ class Simulator:
             raise SimError("node ids must be unique")
         self.endpoints = [f"tcp://{name}:{ENDPOINT_PORT}" for name in self.names]
         self.endpoint_index = {ep: i for i, ep in enumerate(self.endpoints)}
-        # The routing envelope a delivery arrives with (the runtime's ROUTER identity).
+        # The routing envelope a delivery arrives with (the runtime's ROUTER identity): one
+        # per process, as a new connection gets a new routing id; `_owner` maps it back.
         self.envelopes: list[ClientId] = [(name.encode(),) for name in self.names]
+        self._owner: dict[ClientId, int] = {e: i for i, e in enumerate(self.envelopes)}
+        self._lives = [0] * len(self.names)
         self.stats = Stats()
         self.network = Network(self.rng, self.stats, link)
         self.wire_mode = wire_mode
@@ -166,6 +182,10 @@ class Simulator:
         self.timer_at = [math.inf] * n
         self.timer_ran_at = [-math.inf] * n
         self.connected: list[set[int]] = [set() for _ in range(n)]
+        # DEALER i -> j not connected since (j crashed, or was down when i dialed): i -> t.
+        self.down_since: list[dict[int, float]] = [{} for _ in range(n)]
+        self.started_at = [0.0] * n  # when each node's current process started
+        self.routes: list[dict[int, ClientId]] = [{} for _ in range(n)]  # i: j -> envelope
         self.persisted: list[PersistedState | None] = [None] * n
         self.values: list[tuple[float, float]] = [(0.0, 0.0)] * n
         # The true graph: pairs the operator linked (adjacency of ints, membership only).
@@ -246,6 +266,7 @@ class Simulator:
         if node_id is not None:
             config = replace(config, node_id=node_id)
         core = self.cores[i] = Core(config, trust=self._trust(i))
+        self._new_life(i)
         self._handle(i, core.start(self.now))
         if production or consumption:
             reply = self.control(i, SetRequest(production, consumption))
@@ -254,6 +275,15 @@ class Simulator:
                                f"{reply.message if reply else 'no reply'}")
         self.values[i] = (production, consumption)
 
+    def stop(self, i: int) -> None:
+        """SIGTERM: the node stops answering, says goodbye (its `stop` effects), and is gone,
+        as a crash leaves it."""
+        core = self.cores[i]
+        if core is None:
+            return
+        self._handle(i, core.stop(self.now), mark=False)
+        self.crash(i)
+
     def crash(self, i: int) -> None:
         """Kill the process: in-memory state and in-flight inbound messages are gone."""
         core = self.cores[i]
@@ -261,10 +291,20 @@ class Simulator:
             return
         for observer in self.observers:
             observer.crashed(i, core)
+        now = self.now
+        for k in range(self.n):  # every DEALER connected to it starts reconnecting
+            if i in self.connected[k] and self._dealer_up(k, i):
+                self.down_since[k][i] = now
         self.cores[i] = None
         self.frozen[i] = False
         self.held[i].clear()
         self.connected[i].clear()
+        self.down_since[i].clear()
+        self.routes[i].clear()
+        # Its connections are gone with it; its next process connects anew, with new ids.
+        self._owner.pop(self.envelopes[i], None)
+        self._lives[i] += 1
+        self.envelopes[i] = (f"{self.names[i]}#{self._lives[i]}".encode(),)
         self.timer_at[i] = math.inf
 
     def restart(self, i: int, wiped: bool = False) -> None:
@@ -278,7 +318,13 @@ class Simulator:
             self.persisted[i] = None
         core = self.cores[i] = Core(self._config(i), restored=self.persisted[i],
                                     trust=self._trust(i))
+        self._new_life(i)
         self._handle(i, core.start(self.now))
+
+    def _new_life(self, i: int) -> None:
+        """A process starts: the routing envelope of its connections leads to it."""
+        self.started_at[i] = self.now
+        self._owner[self.envelopes[i]] = i
 
     def freeze(self, i: int) -> None:
         self.frozen[i] = True
@@ -321,6 +367,15 @@ class Simulator:
             if track:
                 self._measured().track_change(i)
         return reply
+
+    def device_changed(self, i: int, offer: Flex, rating_kw: float,
+                       state: Mapping[str, Any]) -> None:
+        """Node i's device now offers `offer` (the runtime's device step: node.py integrates
+        the device and reports it the same way). Nothing happens while i is down or frozen."""
+        core = self.cores[i]
+        if core is None or self.frozen[i]:
+            return
+        self._handle(i, core.device_changed(offer, rating_kw, state))
 
     def cut_links(self, pairs: Sequence[Pair]) -> None:
         self.network.cut_links(pairs)
@@ -456,8 +511,8 @@ class Simulator:
             t, seq, kind, dst, src, payload = heapq.heappop(heap)
             self.now = t
             stats.events += 1
-            if kind == _DELIVER:
-                self._deliver(t, dst, src, payload)
+            if kind in (_DELIVER, _DELIVER_BACK):
+                self._deliver(t, dst, src, payload, kind)
             elif kind == _TIMER:
                 self._fire_timer(t, dst)
             else:
@@ -481,13 +536,16 @@ class Simulator:
         self.timer_ran_at[i] = t
         self._handle(i, core.timer(t))
 
-    def _deliver(self, t: float, dst: int, src: int, payload: Any) -> None:
+    def _deliver(self, t: float, dst: int, src: int, payload: Any, kind: int = _DELIVER
+                 ) -> None:
         core = self.cores[dst]
         if core is None:
             return  # the process is gone, and what was in flight to it with it
         if self.frozen[dst]:
-            self.held[dst].append((t, 0, _DELIVER, dst, src, payload))
+            self.held[dst].append((t, 0, kind, dst, src, payload))
             return
+        # At its ROUTER, from the sender's connection; or back over its own DEALER.
+        sender = self.envelopes[src] if kind == _DELIVER else ON_OUR_DEALER
         self.stats.delivered += 1
         msg: Delivered
         frame: bytes | None
@@ -509,7 +567,7 @@ class Simulator:
             frame = None
             msg, size = payload
         if not self.observers:
-            self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
+            self._handle(dst, self._to_core(core, sender, msg, src))
             return
         for notify in self._notify_hooks:
             notify(t, dst, src, msg, size, frame)
@@ -517,11 +575,11 @@ class Simulator:
         if len(paired) == 1:  # the usual case (Convergence): no lists on the hot path
             before, after = paired[0]
             token = before(t, dst, src, msg, size, frame)
-            self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
+            self._handle(dst, self._to_core(core, sender, msg, src))
             after(t, dst, src, msg, token)
             return
         tokens = [before(t, dst, src, msg, size, frame) for before, _ in paired]
-        self._handle(dst, self._to_core(core, self.envelopes[src], msg, src))
+        self._handle(dst, self._to_core(core, sender, msg, src))
         for (_, after), token in zip(paired, tokens, strict=True):
             after(t, dst, src, msg, token)
 
@@ -547,17 +605,25 @@ class Simulator:
         for effect in effects:
             kind = type(effect)
             if kind is Send:
-                self._send(i, effect.endpoint, effect.message, True)  # type: ignore[union-attr]
+                self._send_to_sibling(i, effect)  # type: ignore[arg-type]
             elif kind is SendOnce:
-                self._send(i, effect.endpoint, effect.message, False)  # type: ignore[union-attr]
+                self._send(i, effect.endpoint, effect.message)  # type: ignore[union-attr]
             elif kind is Connect:
                 j = self.endpoint_index.get(effect.endpoint)  # type: ignore[union-attr]
-                if j is not None:
+                if j is not None and j not in self.connected[i]:
                     self.connected[i].add(j)
+                    if self.cores[j] is None:  # nobody listens there yet: it keeps trying
+                        self.down_since[i][j] = self.now
             elif kind is Disconnect:
                 j = self.endpoint_index.get(effect.endpoint)  # type: ignore[union-attr]
                 if j is not None:
                     self.connected[i].discard(j)
+                    self.down_since[i].pop(j, None)
+                    self.routes[i].pop(j, None)
+            elif kind is Route:
+                j = self.endpoint_index.get(effect.endpoint)  # type: ignore[union-attr]
+                if j is not None:
+                    self.routes[i][j] = effect.via  # type: ignore[union-attr]
             elif kind is Persist:
                 self.persisted[i] = effect.state  # type: ignore[union-attr]
                 if core is not None:  # a simulated disk never fails: report every save done
@@ -577,12 +643,46 @@ class Simulator:
                 self._is_dirty[i] = True
                 self._dirty.append(i)
 
-    def _send(self, i: int, endpoint: str, msg: wire.PeerMessage, needs_connection: bool) -> None:
+    def _send_to_sibling(self, i: int, effect: Send) -> None:
+        """Over i's DEALER to the endpoint, as the runtime sends; if that DEALER is not
+        connected, back over the sibling's own connection (its Route), else dropped."""
+        j = self.endpoint_index.get(effect.endpoint)
+        if j is None or j not in self.connected[i]:
+            return  # nobody listens there, or the runtime has no DEALER there either
+        if self._dealer_up(i, j):
+            self._send(i, effect.endpoint, effect.message)
+            return
+        via = None if effect.dealer_only else self.routes[i].get(j)
+        k = None if via is None else self._owner.get(via)
+        if k is None or i not in self.connected[k] or not self._dealer_up(k, i):
+            self.stats.dropped_unconnected += 1  # ZMQ_IMMEDIATE: nothing queues meanwhile
+            return
+        self.stats.routed_back += 1
+        self._send(i, self.endpoints[k], effect.message, _DELIVER_BACK)
+
+    def _dealer_up(self, i: int, j: int) -> bool:
+        """Whether i's DEALER to j is connected now: it was, or a reconnect attempt (libzmq's
+        backoff, RECONNECT_IVL_S doubling to RECONNECT_IVL_MAX_S) has found j listening."""
+        since = self.down_since[i].get(j)
+        if since is None:
+            return True
+        if self.cores[j] is None:
+            return False
+        interval = RECONNECT_IVL_S
+        attempt = since + interval
+        started = self.started_at[j]
+        while attempt < started:
+            interval = min(2 * interval, RECONNECT_IVL_MAX_S)
+            attempt += interval
+        if attempt > self.now:
+            return False
+        del self.down_since[i][j]
+        return True
+
+    def _send(self, i: int, endpoint: str, msg: wire.PeerMessage, kind: int = _DELIVER) -> None:
         j = self.endpoint_index.get(endpoint)
         if j is None:
             return  # nobody listens there
-        if needs_connection and j not in self.connected[i]:
-            return  # the runtime has no DEALER there either
         times = self.network.arrivals(i, j, self.now)
         if not times:
             return
@@ -599,7 +699,7 @@ class Simulator:
         heap = self.heap
         for at in times:
             self._seq += 1
-            heapq.heappush(heap, (at, self._seq, _DELIVER, j, i, payload))
+            heapq.heappush(heap, (at, self._seq, kind, j, i, payload))
 
     def _sample_size(self, msg: wire.PeerMessage) -> int:
         """--wire fast: encode and decode one message in SAMPLE_EVERY_MESSAGES, check it.

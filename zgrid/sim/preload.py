@@ -69,8 +69,10 @@ def preload_converged(sim: Simulator, edges: Sequence[tuple[int, int]],
             sim.cores[i] = Core.converged(configs[i], table, siblings, sim.now)
             sim.values[i] = values[i]
             sim.own[i] = adverts[i]  # so that start() is not mistaken for a bump
-            sim.held_count[i] = len(members)  # every member holds every member's advert
-        sim.held_total += len(members) ** 2
+            if sim.convergence is not None:  # every member holds every member's advert
+                sim.held_count[i] = len(members)
+        if sim.convergence is not None:
+            sim.held_total += len(members) ** 2
     for i in range(n):
         core = sim.cores[i]
         assert core is not None
