@@ -206,6 +206,17 @@ def test_restarting_a_node_with_its_own_id_is_not_a_conflict(grid: Grid) -> None
     assert statuses[1]["incarnation"] == 2
 
 
+def test_a_restart_resumes_the_saved_values_and_says_so_in_its_log(grid: Grid) -> None:
+    n1, n2 = grid.line(("n1", 10, 0), ("n2", 0, 4))
+    grid.wait_island([n1, n2])
+    n2.ctl("set", "--consumption", "7", check=True)
+    assert n2.stop() == 0
+    n2.start()  # the same command line: --consumption 4
+    statuses = grid.wait_island([n1, n2])
+    assert statuses[1]["consumption"] == 7.0
+    assert "resuming the saved values (production 0 kW, consumption 7 kW)" in n2.log_text()
+
+
 def test_a_second_live_node_with_a_taken_id_is_refused_without_a_bump_war(grid: Grid) -> None:
     n1, n2 = grid.line(("n1", 10, 0), ("n2", 0, 4))
     grid.wait_island([n1, n2])

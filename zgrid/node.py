@@ -211,6 +211,13 @@ class Node:
             endpoints = {parse_sibling_address(a)[1] for a in saved.siblings}
             extra = tuple(a for a in s.siblings if parse_sibling_address(a)[1] not in endpoints)
             state = replace(saved, siblings=saved.siblings + extra)
+            if (saved.production, saved.consumption, saved.flex) != (s.production,
+                                                                      s.consumption, s.flex):
+                log.info("resuming the saved values (production %g kW, consumption %g kW%s); "
+                         "--production, --consumption and --flex-* only seed a new node: "
+                         "change them with zgrid-ctl set / flex", saved.production,
+                         saved.consumption, ", with a flexibility offer"
+                         if saved.flex.offered else "")
         if s.device is not None:
             state = self._restore_device(s.device, state, resuming=saved is not None)
         return state

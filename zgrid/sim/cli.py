@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -48,6 +50,28 @@ class _LatencyType(click.ParamType):  # type: ignore[type-arg]
             return Latency.parse(str(value))
         except SimError as exc:
             self.fail(str(exc), param, ctx)
+
+
+@contextmanager
+def _progress(quiet: bool, **bar_options: Any) -> Iterator[Callable[[float], None]]:
+    """A tqdm bar on stderr (only on a terminal, and not with --quiet), as a function that
+    moves it to a position; closed however the run ends."""
+    bar: Any = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        bar = tqdm(file=sys.stderr, **bar_options)
+
+    def move(position: float) -> None:
+        if bar is not None:
+            bar.n = position
+            bar.refresh()
+
+    try:
+        yield move
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 @click.command(name="zgrid-sim")
@@ -123,25 +147,12 @@ def sim_command(ctx: click.Context, nodes: int, topology: str, degree: int, seed
                       wire_mode=wire_mode, strict=strict)
     except SimError as exc:
         raise click.UsageError(str(exc)) from None
-    bar: Any = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm  # type: ignore[import-untyped]
-
-        bar = tqdm(total=None, unit="vs", file=sys.stderr, desc="virtual s",
-                   bar_format="{desc}: {n:.3f} [{elapsed}]")
-
-    def progress(now: float, _end: float) -> None:
-        if bar is not None:
-            bar.n = now
-            bar.refresh()
-
-    try:
-        result = run_scenario(sc, progress)
-    except SimError as exc:
-        raise click.UsageError(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(quiet, total=None, unit="vs", desc="virtual s",
+                   bar_format="{desc}: {n:.3f} [{elapsed}]") as progress:
+        try:
+            result = run_scenario(sc, lambda now, _end: progress(now))
+        except SimError as exc:
+            raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if not result["agreed"]:
         sys.exit(1)
@@ -162,25 +173,12 @@ def _run_day(path: str, out_dir: str | None, seed: int | None, as_json: bool, qu
             sc = replace(sc, seed=seed)
     except SimError as exc:
         raise click.UsageError(str(exc)) from None
-    bar: Any = None
-    if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=sc.steps, unit="step", file=sys.stderr,
-                   desc=f"{sc.name}: {sc.nodes} nodes")
-
-    def progress(done: int) -> None:
-        if bar is not None:
-            bar.n = done
-            bar.refresh()
-
-    try:
-        result = run_day(sc, progress)
-    except SimError as exc:
-        raise click.UsageError(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.close()
+    with _progress(quiet, total=sc.steps, unit="step",
+                   desc=f"{sc.name}: {sc.nodes} nodes") as progress:
+        try:
+            result = run_day(sc, progress)
+        except SimError as exc:
+            raise click.UsageError(str(exc)) from None
     out = Path(out_dir if out_dir is not None else f"sim-results/{sc.name}")
     try:
         out.mkdir(parents=True, exist_ok=True)
