@@ -95,11 +95,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--hours", type=float, default=24.0, help="village day length")
     parser.add_argument("--big", action="store_true", help="also 10,000 nodes for a window")
-    parser.add_argument("--big-hours", type=float, default=0.25)
+    parser.add_argument("--big-hours", type=float, default=0.1)
+    parser.add_argument("--big-start-h", type=float, default=11.0,
+                        help="the hour the 10,000-node window starts at (a busy daytime one)")
     args = parser.parse_args()
     sc = dataclasses.replace(load_day(str(VILLAGE)), duration_h=args.hours)
     village = run(sc)
-    big = run(scaled(sc, 10, args.big_hours)).summary if args.big else None
+    big = run(dataclasses.replace(scaled(sc, 10, args.big_hours), start_h=args.big_start_h)
+              ).summary if args.big else None
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "day.json").write_text(json.dumps(
         {"village": village.summary, "village_series": village.series, "big": big}, indent=1)
