@@ -57,6 +57,10 @@ duplicate_id.
 
 Balancing (Phase II): adverts may carry a flexibility offer; every member runs the same
 clearing (zgrid/clearing.py) over its island and applies only its own activation (`_balance`).
+The island's offers are kept in an `OfferBook` updated from the table's changed origins, so a
+node asks for its own share without sorting the island; a changed activation is applied
+BALANCE_HOLDOFF_S after the clearing first changed it, so one flood's intermediate tables are
+not each advertised.
 
 What one peer may cost us (one frame must never take a node down): refusal BYEs are budgeted
 (`LinkGate`), a sibling gets and has answered at most one digest per ping interval, it may
