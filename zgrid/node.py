@@ -67,10 +67,9 @@ from zgrid.wire import (
     NO_FLEX,
     Adverts,
     Flex,
-    Message,
     Reply,
     ViewUpdate,
-    decode,
+    decode_or_error,
     encode,
     parse_sibling_address,
 )
@@ -629,12 +628,8 @@ class Node:
                     parts = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            message: Message | ProtocolError
-            try:
-                message = decode(parts[-1])
-            except ProtocolError as exc:
-                message = exc
-            self._perform(self.core.handle(tuple(parts[:-1]), message, time.monotonic(), member))
+            self._perform(self.core.handle(tuple(parts[:-1]), decode_or_error(parts[-1]),
+                                           time.monotonic(), member))
 
     def _drain_dealer(self, dealer: zmq.Socket[bytes]) -> None:
         """What a sibling sent back over our DEALER to it (its ROUTER answering over the
@@ -646,13 +641,9 @@ class Node:
                 parts = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            message: Message | ProtocolError
-            try:
-                message = decode(parts[-1])
-            except ProtocolError as exc:
-                message = exc
             member = self._dealt[dealer] if self._membership is not None else None
-            self._perform(self.core.handle(ON_OUR_DEALER, message, time.monotonic(), member))
+            self._perform(self.core.handle(ON_OUR_DEALER, decode_or_error(parts[-1]),
+                                           time.monotonic(), member))
 
     # ------------------------------------------------------------------------ effects
 

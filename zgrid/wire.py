@@ -396,6 +396,15 @@ def decode_raw(frame: bytes) -> Any:
                             "bad_frame") from None
 
 
+def decode_or_error(frame: bytes) -> Message | ProtocolError:
+    """The frame's message, or the ProtocolError saying why it is bad: what `Core.handle`
+    takes, since the core (not the runtime) decides what a bad frame gets."""
+    try:
+        return decode(frame)
+    except ProtocolError as exc:
+        return exc
+
+
 def decode(frame: bytes) -> Message:
     """One frame to a validated message; raises ProtocolError (only) on anything wrong."""
     obj = decode_raw(frame)

@@ -519,10 +519,11 @@ def run_day(sc: DayScenario, progress: Callable[[int], None] | None = None) -> D
     for k in range(first, first + sc.steps):
         now = t0 + (k - first) * sc.step_s
         sim.run_until(now)  # events of the instant before the step (faults at the boundary)
-        base = 0.0
+        production = consumption = 0.0
         for i, node in enumerate(nodes):
             p, c = node.production(k), node.consumption(k)
-            base += p - c
+            production += p
+            consumption += c
             adv_p, adv_c = advertised[i]
             moved = abs(p - adv_p) >= sc.deadband_kw or abs(c - adv_c) >= sc.deadband_kw or (
                 (p == 0.0) != (adv_p == 0.0)) or ((c == 0.0) != (adv_c == 0.0))
@@ -533,6 +534,7 @@ def run_day(sc: DayScenario, progress: Callable[[int], None] | None = None) -> D
                 node.device.follow(p, c)
         for i, device in devices:
             sim.device_changed(i, device.offer(), device.rating_kw, device.state())
+        base = production - consumption
         meter.set_base(base)
         delivered_before = sim.stats.delivered
         sim.run_until(now + sc.step_s - 1e-9)
@@ -544,8 +546,8 @@ def run_day(sc: DayScenario, progress: Callable[[int], None] | None = None) -> D
             device.apply(ask, sc.step_s)
             commanded += ask
             applied += device.applied_kw
-        rec.step(sim, k, base, commanded, applied, sim.stats.delivered - delivered_before,
-                 step_h)
+        rec.step(sim, k, production, consumption, commanded, applied,
+                 sim.stats.delivered - delivered_before, step_h)
         if progress is not None:
             progress(k - first + 1)
     sim.run_until(t0 + sc.steps * sc.step_s)
@@ -561,25 +563,23 @@ class _Recorder:
 
     def __init__(self, sc: DayScenario, nodes: Sequence[DayNode]) -> None:
         self.sc = sc
-        self.nodes = nodes
         self.series: dict[str, list[Any]] = {key: [] for key in (
             "hour", "load_kw", "production_kw", "imbalance_kw", "net_kw", "clamped_kw",
             "advertised_imbalance_kw", "shortfall_kw", "clearing_price", "soc_fraction",
             "battery_kw", "plant_kw", "pv_kw", "messages", "islands", "agreed")}
+        self.device_nodes = [n for n in nodes if n.device is not None]
         self.batteries = [n.device for n in nodes if isinstance(n.device, Battery)]
         self.capacity = sum(b.capacity_kwh for b in self.batteries)
         self.energy_in_batteries_start = sum(b.soc_kwh for b in self.batteries)
 
-    def step(self, sim: Simulator, k: int, base: float, commanded: float, applied: float,
-             messages: int, step_h: float) -> None:
+    def step(self, sim: Simulator, k: int, production: float, load: float, commanded: float,
+             applied: float, messages: int, step_h: float) -> None:
         s = self.series
-        load = production = 0.0
+        base = production - load
         by_kind = {"battery": 0.0, "plant": 0.0, "pv_household": 0.0}
-        for node in self.nodes:
-            load += node.consumption(k)
-            production += node.production(k)
-            if node.device is not None:
-                by_kind[node.kind] += node.device.applied_kw
+        for device_node in self.device_nodes:
+            assert device_node.device is not None
+            by_kind[device_node.kind] += device_node.device.applied_kw
         # One clearing per protocol island, read off its first live member; islands agree
         # when every live member holds the same table at the end of the step.
         shortfall, advertised, price, agreed = 0.0, 0.0, None, True
