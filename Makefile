@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run reset test lint bench bench-sim bench-sim-cold soak clean
+.PHONY: run reset test lint bench bench-sim bench-sim-cold soak mosaik-demo clean
 
 $(RUN_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,21 @@ run: $(RUN_STAMP)  # resumes the grid saved by the last run, as it was left
 reset: $(RUN_STAMP)  # forgets the saved grid (not .venv) and starts the demo afresh
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/run.sh --fresh
 
-test: $(STAMP)
+# The browser tests' Chromium: Debian's package, installed where apt-get can (as root); where
+# it cannot, the browser tests are skipped with that reason (under CI they fail instead).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "could not install chromium: the browser tests will be skipped" >&2; \
+	else \
+	    echo "no $(CHROMIUM) (install Debian's chromium as root): the browser tests will be skipped" >&2; \
+	fi
+
+test: $(STAMP) | $(CHROMIUM)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -46,8 +60,11 @@ bench-sim: $(STAMP)  # scale of agreement; then Phase II's simulated day (1,000 
 bench-sim-cold: $(STAMP)  # the 10,000-node cold start: about 15 minutes, about 5 GB
 	$(BIN)/python scripts/bench_sim.py --cold-10k
 
+mosaik-demo: $(STAMP)  # a day of 20 households, a battery and a plant: mosaik drives real nodes
+	$(BIN)/python examples/mosaik/world.py --out mosaik-results $(MOSAIK_ARGS)
+
 soak: $(STAMP)
 	HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/test_properties.py
 
 clean:
-	rm -rf $(VENV) .zgrid .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info bench-results
+	rm -rf $(VENV) .zgrid .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info bench-results mosaik-results

@@ -42,6 +42,7 @@ import zmq
 
 from zgrid.clearing import Clearing, Offer, clear
 from zgrid.harness import ControlFleet, summary
+from zgrid.views import stderr_progress
 from zgrid.wire import SetRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,10 +245,12 @@ def bench_balance(run: bc.Run, n: int, changes: int) -> dict[str, Any]:
             raise RuntimeError(f"N={n}: the grid did not balance itself at start: {seen}")
         statuses = grid.statuses()
         records: list[dict[str, Any]] = []
-        for c in range(changes):
-            rec, clearing, statuses = one_change(grid, flex, run.rng.choice(others), run.rng,
-                                                 clearing, statuses)
-            records.append({"change": c, **rec})
+        with stderr_progress(f"balance N={n}: changes", total=changes) as move:
+            for c in range(changes):
+                rec, clearing, statuses = one_change(grid, flex, run.rng.choice(others),
+                                                     run.rng, clearing, statuses)
+                records.append({"change": c, **rec})
+                move(c + 1)  # between changes: never inside a timed one
         flaps = bc.counters_sum(statuses, "link_flaps")
         offers = {grid.ids[i]: vars(f) for i, f in flex.items()}
     clear_us = time_clear(grid, flex, CLEAR_TIMING_CALLS)  # the nodes are gone: a quiet core

@@ -63,6 +63,7 @@ from zgrid.harness import (
     wait_until,
 )
 from zgrid.security import Membership, keygen, secure_client
+from zgrid.views import stderr_progress
 from zgrid.wire import Ping, SetRequest, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +120,7 @@ TARGET_IDLE_BYTES_PER_S = 2048.0
 TARGET_LOAD_FLAPS = 0
 
 PREFLIGHT_SAMPLE_S = 1.0  # how long the machine's own load is sampled before starting
+PROGRESS_SLICE_S = 1.0  # a timed window (idle) is slept in slices this long, to move its bar
 BUSY_WARNING_CORES = 0.1  # other processes' CPU above which a part's figures are flagged
 TCP_IP_HEADER_BYTES = 52  # IPv4 (20) + TCP with timestamps (32), per segment on loopback
 NS_PER_S, NS_PER_MS, NS_PER_US = 1e9, 1e6, 1e3
@@ -438,8 +440,11 @@ class BenchGrid:
                 "diameter": max(max(row) for row in dist), "edge_list": self.edges}
 
 
-def wait_agreement(grid: BenchGrid, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Poll status until every node sees the whole grid, all links up, the expected total."""
+def wait_agreement(grid: BenchGrid, timeout_s: float,
+                   agreeing: Callable[[int], None] = lambda count: None
+                   ) -> dict[str, dict[str, Any]]:
+    """Poll status until every node sees the whole grid, all links up, the expected total;
+    `agreeing(count)` after each poll, with how many nodes already do (a progress bar)."""
     ids = sorted(grid.ids)
     expected = grid.expected_total()
     last: dict[str, dict[str, Any]] = {}
@@ -452,10 +457,10 @@ def wait_agreement(grid: BenchGrid, timeout_s: float) -> dict[str, dict[str, Any
             return dead, {}
         last.clear()
         last.update(grid.statuses())
-        ok = len(last) == len(ids) and all(
-            s["island"] == ids and s["total_net"] == expected
-            and all(sib["up"] for sib in s["siblings"]) for s in last.values())
-        return ([], dict(last)) if ok else None
+        done = sum(1 for s in last.values() if s["island"] == ids and s["total_net"] == expected
+                   and all(sib["up"] for sib in s["siblings"]))
+        agreeing(done)
+        return ([], dict(last)) if len(last) == len(ids) == done else None
 
     try:
         dead, statuses = wait_until(agreed, timeout_s, AGREEMENT_POLL_S, "the grid to agree")
@@ -502,12 +507,16 @@ def running_grid(run: Run, name: str, n: int, avg_degree: float, *, watch: bool,
     control = ControlFleet(run.ctx) if keys_dir is None else SecureFleet(run.ctx, keys_dir)
     grid = BenchGrid(edges, values, nodes, control)
     try:
-        for node in nodes:
-            STARTED.append(node)
-            node.start(die_with_parent=True)
-        for node in nodes:
-            grid.control.connect(node.id, node.endpoint, watch=watch)
-        wait_agreement(grid, max(STARTUP_TIMEOUT_MIN_S, n * STARTUP_TIMEOUT_PER_NODE_S))
+        # Starting 64 interpreters on 2 cores takes a while: a bar (on a terminal) counts the
+        # nodes that agree. It ends before the grid is used, so it never nests with another.
+        with stderr_progress(f"{name}: {n} nodes starting, agreeing", total=n) as agreeing:
+            for node in nodes:
+                STARTED.append(node)
+                node.start(die_with_parent=True)
+            for node in nodes:
+                grid.control.connect(node.id, node.endpoint, watch=watch)
+            wait_agreement(grid, max(STARTUP_TIMEOUT_MIN_S, n * STARTUP_TIMEOUT_PER_NODE_S),
+                           agreeing)
         if watch:
             grid.control.wait(lambda: len(grid.control.views) == n, REQUEST_TIMEOUT_S)
         yield grid
@@ -642,11 +651,15 @@ def bench_converge(run: Run, n: int, changes: int, keys: bool = False) -> dict[s
         dist = hop_distances(n, grid.edges)
         records: list[dict[str, Any]] = []
         statuses = grid.statuses()
-        for k in range(changes):
-            origin = run.rng.randrange(n)
-            rec, statuses = one_change(grid, origin, run.rng, statuses)
-            records.append({"change": k, "eccentricity": max(dist[origin]),
-                            "hops": {grid.ids[j]: dist[origin][j] for j in range(n)}, **rec})
+        with stderr_progress(f"converge N={n}{' --keys' if keys else ''}: changes",
+                             total=changes) as move:
+            for k in range(changes):
+                origin = run.rng.randrange(n)
+                rec, statuses = one_change(grid, origin, run.rng, statuses)
+                records.append({"change": k, "eccentricity": max(dist[origin]),
+                                "hops": {grid.ids[j]: dist[origin][j] for j in range(n)},
+                                **rec})
+                move(k + 1)  # between changes: never inside a timed one
         flaps = counters_sum(statuses, "link_flaps")
     conv = [r["converged_ms"] / MS_PER_S for r in records if r["converged_ms"] is not None]
     acks = [r["ack_ms"] / MS_PER_S for r in records if r["ack_ms"] is not None]
@@ -808,10 +821,12 @@ def bench_faults(run: Run, trials: int) -> dict[str, Any]:
     with running_grid(run, "faults", FAULT_NODES, FAULT_DEGREE, watch=True) as grid:
         topo = grid.topology()
         results: list[dict[str, Any]] = []
-        for trial, v in enumerate(run.rng.sample(range(grid.n), trials)):
-            results.append({"trial": trial, **one_fault(grid, v)})
-            time.sleep(SETTLE_BETWEEN_TRIALS_S)
-            grid.control.pump(0)
+        with stderr_progress("faults: kill -9 and restart trials", total=trials) as move:
+            for trial, v in enumerate(run.rng.sample(range(grid.n), trials)):
+                results.append({"trial": trial, **one_fault(grid, v)})
+                move(trial + 1)
+                time.sleep(SETTLE_BETWEEN_TRIALS_S)
+                grid.control.pump(0)
         statuses = grid.statuses()
         everyone, expected = sorted(grid.ids), grid.expected_total()
     excl = [r["exclusion_ms"] / MS_PER_S for r in results if r["exclusion_ms"] is not None]
@@ -848,7 +863,11 @@ def bench_idle(run: Run, window_s: float) -> dict[str, Any]:
         cpu0 = {n: sched_ns(p)[0] for n, p in pids.items()}
         tcp0 = tcp_sent_by_socket()
         t0 = time.perf_counter()
-        time.sleep(window_s)
+        with stderr_progress(f"idle: {IDLE_NODES} nodes, a {window_s:g} s window",
+                             total=window_s) as move:
+            while (left := t0 + window_s - time.perf_counter()) > 0:  # ends at the deadline
+                time.sleep(min(left, PROGRESS_SLICE_S))
+                move(min(window_s, time.perf_counter() - t0))
         elapsed = time.perf_counter() - t0
         cpu1 = {n: sched_ns(p)[0] for n, p in pids.items()}
         tcp1 = tcp_sent_by_socket()
@@ -902,9 +921,11 @@ LOAD_COUNTERS = ("link_flaps", "digests_sent", "sends_dropped", "adverts_receive
                  "messages_received")
 
 
-def drive_load(grid: BenchGrid, rng: random.Random, duration_s: float) -> dict[str, Any]:
+def drive_load(grid: BenchGrid, rng: random.Random, duration_s: float,
+               move: Callable[[float], None] = lambda elapsed_s: None) -> dict[str, Any]:
     """Send `set` to every node on its own LOAD_RATE_HZ schedule for duration_s; at most one
-    unanswered `set` per node (a tick that finds one pending is skipped and counted)."""
+    unanswered `set` per node (a tick that finds one pending is skipped and counted).
+    `move(elapsed_s)` after each pump (a progress bar, which redraws rarely)."""
     n, ids, ctl = grid.n, grid.ids, grid.control
     period_s = 1.0 / LOAD_RATE_HZ
     t_begin = time.perf_counter()
@@ -933,6 +954,7 @@ def drive_load(grid: BenchGrid, rng: random.Random, duration_s: float) -> dict[s
             outstanding[rid] = (i, time.perf_counter())
             sent += 1
         ctl.pump(max(0.0, min(next_due) - time.perf_counter()))
+        move(now - t_begin)
         for rid in [r for r in outstanding if r in ctl.replies]:
             reply, at = ctl.replies.pop(rid)
             acked += reply.ok
@@ -956,7 +978,9 @@ def bench_load(run: Run, duration_s: float) -> dict[str, Any]:
         before = grid.statuses()
         pids = [node.pid for node in grid.nodes]
         cpu0 = [sched_ns(p)[0] for p in pids]
-        driven = drive_load(grid, run.rng, duration_s)
+        with stderr_progress(f"load: {n} nodes at {LOAD_RATE_HZ:g} Hz each, {duration_s:g} s",
+                             total=duration_s) as move:
+            driven = drive_load(grid, run.rng, duration_s, move)
         cpu1 = [sched_ns(p)[0] for p in pids]
         # Did every node end with the same, exact total?
         expected = grid.expected_total()
@@ -1141,15 +1165,18 @@ def wait_quiet(max_wait_s: float) -> dict[str, float]:
     """Sample the machine for PREFLIGHT_SAMPLE_S at a time until other processes are quiet."""
     deadline = time.perf_counter() + max_wait_s
     sample: dict[str, float] = {}
-    for _ in range(int(max_wait_s / PREFLIGHT_SAMPLE_S) + 1):
-        probe = Background()
-        probe.begin()
-        time.sleep(PREFLIGHT_SAMPLE_S)
-        sample = probe.end()
-        if sample["other_processes_cores"] <= BUSY_WARNING_CORES:
-            break
-        if time.perf_counter() >= deadline:
-            break
+    with stderr_progress("sampling the machine's load" + (
+            f", waiting up to {max_wait_s:g} s for quiet" if max_wait_s else "")) as move:
+        for _ in range(int(max_wait_s / PREFLIGHT_SAMPLE_S) + 1):
+            probe = Background()
+            probe.begin()
+            time.sleep(PREFLIGHT_SAMPLE_S)
+            sample = probe.end()
+            if sample["other_processes_cores"] <= BUSY_WARNING_CORES:
+                break
+            if time.perf_counter() >= deadline:
+                break
+            move(0)
     print(f"machine now: other processes use {sample['other_processes_cores']:.2f} cores, "
           f"load average {sample['loadavg_1m']:.2f}")
     return sample

@@ -25,6 +25,7 @@ from typing import Any
 
 from zgrid.sim.day import DayResult, DayScenario, Group, load_day, run_day
 from zgrid.sim.plots import plot_day
+from zgrid.views import stderr_progress
 
 ROOT = Path(__file__).resolve().parent.parent
 VILLAGE = ROOT / "examples" / "scenarios" / "village.toml"
@@ -32,6 +33,7 @@ OUT_DIR = Path("bench-results")
 TARGET_BALANCED_FRACTION = 0.999
 TARGET_REDUCTION = 0.95
 TARGET_WALL_S = 300.0
+PROGRESS_TICK_S = 1.0  # while a run works in its own process, its line's clock moves this often
 
 
 def scaled(sc: DayScenario, factor: int, hours: float) -> DayScenario:
@@ -54,7 +56,13 @@ def run(sc: DayScenario) -> DayResult:
     print(f"... {sc.name}: {sc.nodes} nodes, {sc.duration_h:g} h at {sc.step_s} s steps",
           file=sys.stderr, flush=True)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result: DayResult = pool.apply(run_day, (sc,))
+        pending = pool.apply_async(run_day, (sc,))
+        # A day takes minutes: on a terminal, a spinner and the time it has taken so far.
+        with stderr_progress(f"{sc.name}: running") as move:
+            while not pending.ready():
+                pending.wait(PROGRESS_TICK_S)
+                move(0)
+        result: DayResult = pending.get()
     print(f"    wall {result.summary['wall_s']} s", file=sys.stderr, flush=True)
     return result
 

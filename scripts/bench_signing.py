@@ -45,6 +45,7 @@ from zgrid.errors import ProtocolError, ZgridError
 from zgrid.harness import HOST, NodeProc, free_port, summary
 from zgrid.security import Membership, ZapHandler, keygen, secure_client, secure_server
 from zgrid.signing import AdvertSeal, Keyring, new_keypair
+from zgrid.views import stderr_progress
 from zgrid.wire import Advert, Adverts, Hello, Ping, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,12 +150,14 @@ def bench_micro(iterations: int, rng: random.Random) -> dict[str, Any]:
         "signed_bytes": (Advert.signed_bytes, others),
     }
     results: dict[str, Any] = {}
-    for op, (fn, adverts) in ops.items():
-        warm, timed = adverts[:MICRO_WARMUP], adverts[MICRO_WARMUP:]
-        for a in warm:
-            fn(a)
-        results[op] = {**summary_us(time_calls(fn, timed)),
-                       "loop_calls_per_s": loop_rate(fn, timed)}
+    with stderr_progress("micro: operations timed", total=len(ops)) as move:
+        for done, (op, (fn, adverts)) in enumerate(ops.items(), 1):
+            warm, timed = adverts[:MICRO_WARMUP], adverts[MICRO_WARMUP:]
+            for a in warm:
+                fn(a)
+            results[op] = {**summary_us(time_calls(fn, timed)),
+                           "loop_calls_per_s": loop_rate(fn, timed)}
+            move(done)  # between operations: the bar never draws inside a timed loop
     return {"iterations": iterations, "members": MEMBERS, "links_per_advert": LINKS_PER_ADVERT,
             # one signed advert alone in an `adverts` message, as encoded on the wire
             "signed_message_bytes": len(encode(Adverts(own, 1, (others[0],)))),
@@ -348,11 +351,14 @@ def bench_node(tmp: Path, total: int, rng: random.Random, log_level: str) -> dic
         keygen(keys, name)
     keygen(keys, OPERATOR_NAME, operator=True)
     runs = []
-    for batch in NODE_BATCHES:
-        # Plain, then keys, per batch size: each pair runs close together in time, so the
-        # machine's other load skews both alike.
-        for k in (None, keys):
-            runs.append(node_run(tmp, k, batch, total, rng, log_level))
+    with stderr_progress(f"node: runs of {total} adverts",
+                         total=len(NODE_BATCHES) * 2) as move:
+        for batch in NODE_BATCHES:
+            # Plain, then keys, per batch size: each pair runs close together in time, so
+            # the machine's other load skews both alike.
+            for k in (None, keys):
+                runs.append(node_run(tmp, k, batch, total, rng, log_level))
+                move(len(runs))
     by = {(r["keys"], r["adverts_per_message"]): r for r in runs}
     added = {}
     for batch in NODE_BATCHES:

@@ -32,6 +32,7 @@ matplotlib.use("Agg")  # no display: write PNG files only
 import matplotlib.pyplot as plt
 
 from zgrid.sim import DEFAULT_LATENCY_S, Scenario, run_scenario
+from zgrid.views import stderr_progress
 
 OUT_DIR = Path("bench-results")
 SWEEP_NODES = (100, 300, 1000, 3000, 10000)
@@ -42,13 +43,20 @@ TARGET_10K_WALL_S = 300.0
 TARGET_10K_MEMORY_MB = 8 * 1024
 TARGET_10K_COLD_WALL_S = 15 * 60.0
 TARGET_MESSAGES_PER_S = 200_000
+PROGRESS_TICK_S = 1.0  # while a run works in its own process, its line's clock moves this often
 
 
 def run(label: str, sc: Scenario) -> dict[str, Any]:
     """One scenario in a fresh process, so that memory_peak_mb is that run's own peak."""
     print(f"... {label}", file=sys.stderr, flush=True)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result: dict[str, Any] = pool.apply(run_scenario, (sc,))
+        pending = pool.apply_async(run_scenario, (sc,))
+        # A run can take minutes: on a terminal, a spinner and the time it has taken so far.
+        with stderr_progress(f"{label}: running") as move:
+            while not pending.ready():
+                pending.wait(PROGRESS_TICK_S)
+                move(0)
+        result: dict[str, Any] = pending.get()
     result["label"] = label
     print(f"    wall {result['wall_s']} s, agreed {result['agreed']}", file=sys.stderr, flush=True)
     return result

@@ -135,6 +135,8 @@ Try, in another terminal:
   zgrid-ctl play --speed 60 $profile   # a day of loads in 24 minutes
   zgrid-ctl unlink n2 ; zgrid-ctl link $(ep 2)
   zgrid-ctl watch
+  zgrid-ctl top                                     # the island, live, full screen
+  zgrid-ctl --node $(ep 5) dashboard --open         # the grid in a browser (needs zgrid[web])
 Ctrl-C stops the grid.
 TXT
 

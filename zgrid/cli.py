@@ -9,7 +9,9 @@ message and a documented exit code, never a traceback:
 zgrid-ctl checks the values a user types before sending them (exit 1, in the user's words:
 "production must be a number >= 0, got -3"), and with --json its errors are one JSON object
 on stderr too. `play` reads, checks and schedules a profile with zgrid.player; this file only
-sends its rows through zgrid.client.Client and prints what happened.
+sends its rows through zgrid.client.Client and prints what happened. On a terminal, `status`,
+`nodes`, `watch`, `top` and `play`'s progress bar are drawn by zgrid.views (rich); piped, they
+print the plain text that scripts read, unchanged.
 
 zgrid-node: 0 stopped by a signal, 1 its state cannot be saved (disk full, read-only, I/O
 error: the storage needs fixing), 2 usage error or cannot start.
@@ -22,9 +24,10 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -38,7 +41,11 @@ from zgrid.player import Profile, Row, power_error
 from zgrid.wire import MAX_ABS_PRICE
 
 if TYPE_CHECKING:  # the device models load only for a node that has a device
+    from rich.console import RenderableType  # rich loads only to print to a terminal
+    from rich.live import Live
+
     from zgrid.devices import Device
+    from zgrid.views import PlayBar
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -115,6 +122,10 @@ def _fail(message: str, code: int, error: str | None = None, **extra: Any) -> No
               help="CurveZMQ keys directory: the grid's membership list (see zgrid-ctl keygen).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Serve Prometheus metrics over HTTP on this port [default: off].")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, metavar="HOST",
+              help="Address the metrics port binds (warns if not loopback).")
 @click.option("--drop-rate", type=click.FloatRange(0.0, 1.0), default=0.0, hidden=True,
               help="Testing only: drop this fraction of outgoing adverts messages.")
 @click.option("--crash-before-save", is_flag=True, hidden=True,
@@ -127,7 +138,8 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
               flex_down: float, price_down: float, device_file: Path | None,
               data_dir: Path | None,
               ping_interval: float, dead_after: float, forget_after: float,
-              keys_dir: Path | None, log_level: str, drop_rate: float,
+              keys_dir: Path | None, log_level: str, metrics_port: int | None,
+              metrics_host: str, drop_rate: float,
               crash_before_save: bool, fail_saves_while: Path | None) -> None:
     """Run one zgrid node in the foreground until SIGINT or SIGTERM."""
     from zgrid.node import Node, NodeSettings
@@ -173,7 +185,8 @@ def node_main(node_id: str, bind: str, advertise: str | None, siblings: tuple[st
         production=production, consumption=consumption, flex=flex, device=device,
         data_dir=data_dir,
         ping_interval_s=ping_interval, dead_after_s=dead_after, forget_after_s=forget_after,
-        keys_dir=keys_dir, drop_rate=drop_rate, crash_before_save=crash_before_save,
+        keys_dir=keys_dir, metrics_port=metrics_port, metrics_host=metrics_host,
+        drop_rate=drop_rate, crash_before_save=crash_before_save,
         fail_saves_while=fail_saves_while)
     try:
         node = Node(settings)
@@ -290,6 +303,19 @@ def _kw(x: float) -> str:
     return f"{x:.3f} kW"
 
 
+def _on_terminal(render: Callable[[], RenderableType]) -> bool:
+    """Print `render()` (a zgrid.views renderable: tables, colours) if stdout is a terminal,
+    and say whether it did. Piped, the caller prints its plain text, which scripts and tests
+    read and which never changes (rich's FORCE_COLOR or TTY_COMPATIBLE=1 force the views)."""
+    from zgrid import views
+
+    console = views.terminal()
+    if console is None:
+        return False
+    console.print(render())
+    return True
+
+
 @ctl_main.command()
 @pass_ctl
 def status(ctl: _Ctl) -> None:
@@ -298,6 +324,10 @@ def status(ctl: _Ctl) -> None:
         s = client.status()
 
     def human() -> None:
+        from zgrid import views
+
+        if _on_terminal(lambda: views.status_view(s)):
+            return
         click.echo(f"{s['id']}  {s['endpoint']}  (incarnation {s['incarnation']})")
         click.echo(f"  production {_kw(s['production'])}   consumption "
                    f"{_kw(s['consumption'])}   net {s['net']:+.3f} kW")
@@ -480,6 +510,10 @@ def nodes(ctl: _Ctl) -> None:
               for row in rows]
 
     def human() -> None:
+        from zgrid import views
+
+        if _on_terminal(lambda: views.nodes_table(rows)):
+            return
         click.echo(f"{'id':<14}{'production':>14}{'consumption':>14}{'net':>14}  reachable"
                    "  links")
         for row in rows:
@@ -528,10 +562,15 @@ class _ViewPrinter:
     starts answering."""
 
     def __init__(self, ctl: _Ctl) -> None:
+        from zgrid import views
+
         self.ctl = ctl
         self.who = ctl.node or "?"
         self.up = True
         self.active = False  # the node applied an activation in a view we printed
+        # On a terminal the same lines in colour (zgrid.views); piped, the plain ones.
+        self.console = None if ctl.json else views.terminal()
+        self.err_console = None if ctl.json else views.terminal(stderr=True)
 
     def view(self, view: dict[str, Any]) -> None:
         self.who = view["id"]
@@ -547,10 +586,17 @@ class _ViewPrinter:
             text += (f" imbalance={_net(view['imbalance_kw'])} kW balanced_net="
                      f"{_net(view['balanced_net_kw'])} kW")
         activation = view.get("activation_kw") or 0.0
-        if activation or self.active:  # this node's own share, while it has (or had) one
+        show_activation = bool(activation or self.active)
+        if show_activation:  # this node's own share, while it has (or had) one
             text += f" activation={_net(activation)} kW"
             self.active = activation != 0.0
-        self.ctl.emit(line, lambda: click.echo(text))
+        if self.console is not None:
+            from zgrid import views
+
+            self.console.print(views.watch_line(view, _stamp(view["ts"]), show_activation),
+                               soft_wrap=True)
+        else:
+            self.ctl.emit(line, lambda: click.echo(text))
         sys.stdout.flush()
 
     def answering(self, up: bool) -> None:
@@ -563,6 +609,10 @@ class _ViewPrinter:
         if self.ctl.json:
             click.echo(json.dumps({"ts": now, "id": self.who, "node": self.ctl.node,
                                    "answering": up}, sort_keys=True), err=True)
+        elif self.err_console is not None:
+            self.err_console.print(f"{_stamp(now)} {self.who} ({self.ctl.node}) {note}",
+                                   style="green" if up else "bold yellow", soft_wrap=True,
+                                   markup=False)
         else:
             click.echo(f"{_stamp(now)} {self.who} ({self.ctl.node}) {note}", err=True)
         sys.stderr.flush()
@@ -570,6 +620,158 @@ class _ViewPrinter:
 
 def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts).isoformat(timespec="milliseconds")
+
+
+TOP_INTERVAL_S = 1.0  # `top --interval`: seconds between two requests for the node table
+TOP_MIN_GAP_S = 0.25  # a burst of changes asks for the node table at most this often
+TOP_JOIN_S = 1.0  # after Ctrl-C, how long (beyond --timeout) `top` waits for its table thread
+
+
+@ctl_main.command()
+@click.option("--interval", "interval_s", type=click.FloatRange(min=TOP_MIN_GAP_S),
+              default=TOP_INTERVAL_S, show_default=True, metavar="SECONDS",
+              help="Seconds between two requests for the node table (a change of the "
+                   "island asks at once).")
+@pass_ctl
+def top(ctl: _Ctl, interval_s: float) -> None:
+    """A live view of the island, redrawn in place like htop, until Ctrl-C.
+
+    The island's totals and balancing (imbalance, balanced net, clearing price, shortfall)
+    as the node's watch stream reports them, at once, and every node it knows (production,
+    consumption, net, activation, reachable or not, links), asked for every --interval
+    seconds and after each change. When stdout is not a terminal, it prints the same view as
+    plain text (no colours, no escape codes) each time it changes, a blank line after each.
+    A node that stops answering ends it as it ends `watch` (exit 3). No --json: use
+    `watch --json` and `nodes --json`."""
+    if ctl.json:
+        _fail("top draws a screen and has no --json: use `watch --json` (the island as it "
+              "changes) and `nodes --json` (the node table)", EXIT_USAGE)
+    screen = _TopScreen(ctl, interval_s)
+    signal.signal(signal.SIGTERM, _interrupt)  # leave the full screen as Ctrl-C does
+    try:
+        with ctl.client() as client:
+            poller = _NodesPoller(ctl, interval_s, screen)
+            poller.start()
+            try:
+                with screen.live():
+                    for view in client.watch():
+                        screen.view(view)
+                        poller.poke()
+            finally:  # the screen is gone first, so an error is printed on the terminal
+                poller.stop(ctl.timeout + TOP_JOIN_S)
+    except KeyboardInterrupt:
+        pass
+
+
+class _TopScreen:
+    """What `top` shows: the latest watch view and node table. On a terminal it is drawn in
+    place (rich Live, full screen); otherwise printed as a snapshot each time it changes.
+    The watch (main thread) and the table thread both update it, under one lock."""
+
+    def __init__(self, ctl: _Ctl, interval_s: float) -> None:
+        from rich.console import Console
+
+        self.node = ctl.node or "?"
+        self.interval_s = interval_s
+        self.console = Console(highlight=False)
+        self.lock = threading.Lock()
+        self.latest: dict[str, Any] | None = None
+        self.rows: list[dict[str, Any]] | None = None
+        self.problem: str | None = None
+        self.updated = "never"
+        self.live_display: Live | None = None
+        self.printed: str | None = None  # what the last plain snapshot showed
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        if not self.console.is_terminal:
+            yield
+            return
+        from rich.live import Live
+
+        with Live(console=self.console, screen=True, auto_refresh=False,
+                  redirect_stdout=False, redirect_stderr=False) as live:
+            with self.lock:
+                self.live_display = live
+            try:
+                yield
+            finally:  # no more drawing, from either thread, once the screen is left
+                with self.lock:
+                    self.live_display = None
+
+    def view(self, view: dict[str, Any]) -> None:
+        with self.lock:
+            self.latest = view
+            self._draw()
+
+    def table(self, rows: list[dict[str, Any]] | None, problem: str | None = None) -> None:
+        with self.lock:
+            if rows is not None:
+                self.rows = rows
+                self.updated = datetime.now().strftime("%H:%M:%S")
+            self.problem = problem
+            self._draw()
+
+    def _draw(self) -> None:
+        from zgrid import views
+
+        if self.latest is None:
+            return  # nothing to show before the node's first view
+        live = self.console.is_terminal
+        screen = views.top_view(self.latest, self.rows, node=self.node, updated=self.updated,
+                                interval_s=self.interval_s, problem=self.problem, live=live)
+        if live:
+            if self.live_display is not None:
+                self.live_display.update(screen, refresh=True)
+            return
+        if self.rows is None and self.problem is None:
+            return  # a snapshot is the whole view: wait for the node table
+        # Plain snapshots only when something shown changed (not the time of the request).
+        shown = json.dumps([{k: v for k, v in self.latest.items() if k != "ts"}, self.rows,
+                            self.problem], sort_keys=True, default=str)
+        if shown != self.printed:
+            self.printed = shown
+            self.console.print(screen)
+            self.console.print()
+            sys.stdout.flush()
+
+
+class _NodesPoller(threading.Thread):
+    """`top`'s table thread: asks for `nodes` every --interval, and soon after `poke` (a
+    change of the view), on a Client of its own (a Client is not thread-safe, and the main
+    thread's is busy with the watch). A failed request is shown and tried again; the watch
+    decides when the node is gone."""
+
+    def __init__(self, ctl: _Ctl, interval_s: float, screen: _TopScreen) -> None:
+        super().__init__(name="zgrid-top-nodes", daemon=True)  # never keeps zgrid-ctl alive
+        self.ctl, self.interval_s, self.screen = ctl, interval_s, screen
+        self.wake = threading.Event()
+        self.done = threading.Event()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def stop(self, timeout_s: float) -> None:
+        self.done.set()
+        self.wake.set()
+        self.join(timeout_s)
+
+    def run(self) -> None:
+        try:
+            client = self.ctl.connect()
+        except ZgridError as exc:
+            self.screen.table(None, exc.message)
+            return
+        with client:
+            while not self.done.is_set():
+                self.wake.clear()  # a change from now on asks again
+                try:
+                    self.screen.table(client.nodes())
+                except ZgridError as exc:
+                    self.screen.table(None, exc.message)
+                if self.done.wait(TOP_MIN_GAP_S):
+                    break
+                self.wake.wait(self.interval_s - TOP_MIN_GAP_S)
 
 
 @ctl_main.command()
@@ -604,6 +806,14 @@ def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float
             client = clients[row.node] = ctl.connect(addresses[row.node])
         return client.set(row.production, row.consumption)
 
+    bar: PlayBar | None = None  # a progress bar on stderr, when it is a terminal
+
+    def echo(line: str, err: bool = False) -> None:
+        if bar is None:
+            click.echo(line, err=err)
+        else:  # above the bar, on the terminal
+            bar.echo(line, err)
+
     def report(o: Outcome) -> None:
         row, step = o.step.row, o.step
         where = {"line": row.line, "time_s": row.time_s, "loop": step.loop, "node": row.node,
@@ -614,8 +824,7 @@ def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float
                 click.echo(json.dumps({"ok": False, **where, "error": o.error.message,
                                        "code": o.error.code}, sort_keys=True))
             else:
-                click.echo(f"error: {when} line {row.line} {row.node}: {o.error.message}",
-                           err=True)
+                echo(f"error: {when} line {row.line} {row.node}: {o.error.message}", err=True)
             return
         r = o.reply or {}
         if ctl.json:
@@ -626,11 +835,16 @@ def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float
             sets = "  ".join(f"{k} {_kw(v)}" for k, v in row.values.items())
             late = f"  (late {o.late_s:.1f}s)" if o.late_s >= PLAY_LATE_NOTE_S else ""
             first = " (catching up to --start)" if step.catch_up else ""
-            click.echo(f"{when} line {row.line} {row.node}{first}: {sets} -> net "
-                       f"{r.get('net', 0.0):+.3f} kW{late}")
+            echo(f"{when} line {row.line} {row.node}{first}: {sets} -> net "
+                 f"{r.get('net', 0.0):+.3f} kW{late}")
         sys.stdout.flush()
 
-    player = Player(send, report, speed)
+    def shown(o: Outcome) -> None:
+        report(o)
+        if bar is not None:
+            bar.row(o.ok)
+
+    player = Player(send, shown, speed)
     if not ctl.json:
         span = profile.end_s - min(start_s, profile.end_s)
         click.echo(f"playing {profile.name}: {len(profile.rows)} rows for "
@@ -641,7 +855,8 @@ def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float
     signal.signal(signal.SIGTERM, _interrupt)
     stopped = False
     try:
-        player.play(steps)
+        with _play_progress(ctl, profile, start_s, loop, speed) as bar:
+            player.play(steps)
     except KeyboardInterrupt:
         stopped = True
     finally:
@@ -655,6 +870,18 @@ def play(ctl: _Ctl, profile_file: Path, speed: float, loop: bool, start_s: float
     if player.failed:
         codes = {o.error.code for o in player.failed if o.error is not None}
         sys.exit(EXIT_NO_REPLY if codes == {"no_reply"} else EXIT_REFUSED)
+
+
+def _play_progress(ctl: _Ctl, profile: Profile, start_s: float, loop: bool, speed: float
+                   ) -> AbstractContextManager[PlayBar | None]:
+    """The play's progress bar on stderr (zgrid.views), if stderr is a terminal and the
+    output is not --json (which is for programs); else nothing is shown."""
+    if ctl.json:
+        return nullcontext(None)
+    from zgrid import views
+
+    return views.play_progress(f"playing {profile.name}", start_s, profile.end_s,
+                               profile.period_s if loop else None, speed, _profile_clock)
 
 
 def _play_addresses(ctl: _Ctl, profile: Profile) -> dict[str, str]:
@@ -710,6 +937,64 @@ def _profile_clock(t: float) -> str:
     minutes, seconds = divmod(rest, 60.0)
     secs = f"{seconds:02.0f}" if seconds == int(seconds) else f"{seconds:06.3f}"
     return f"{int(hours):02d}:{int(minutes):02d}:{secs}"
+
+
+@ctl_main.command()
+@pass_ctl
+def graph(ctl: _Ctl) -> None:
+    """The grid as this node knows it: its islands, and every link with its state (up: both
+    ends list it; one_way: one end does; down: a link of this node that is not up)."""
+    with ctl.client() as client:
+        body = client.graph()
+
+    def human() -> None:
+        for i, island in enumerate(body["islands"]):
+            mark = " (this node's)" if body["id"] in island else ""
+            click.echo(f"island {i + 1}{mark}: {' '.join(island)}")
+        for edge in body["edges"]:
+            click.echo(f"{edge['a']} -- {edge['b']}  {edge['state']}")
+
+    ctl.emit(body, human)
+
+
+@ctl_main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve the page on (anything but loopback shows the grid to "
+                   "whoever can reach it).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to serve on (0: any free port; the URL is printed).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in a browser.")
+@pass_ctl
+def dashboard(ctl: _Ctl, host: str, port: int, open_browser: bool) -> None:
+    """Serve a live web page of the grid --node knows: graph, totals over time, nodes,
+    events. Read-only; Ctrl-C stops it."""
+    if not ctl.node:
+        _fail("say which node: --node ENDPOINT or ZGRID_NODE=ENDPOINT", EXIT_USAGE)
+    try:
+        from zgrid.dashboard.app import bind, is_loopback, serve
+    except ImportError as exc:
+        _fail(f"the dashboard needs the web extra: pip install 'zgrid[web]' ({exc})",
+              EXIT_USAGE)
+    from zgrid.dashboard.feed import Feed, Source
+
+    if not is_loopback(host):
+        click.echo(f"warning: serving on {host}, which is not a loopback address: anyone who "
+                   "can reach it sees the grid (the page is read-only)", err=True)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}"
+              f"{' (is a dashboard running already? try --port 0)' if port else ''}",
+              EXIT_USAGE)
+
+    def ready(url: str) -> None:
+        click.echo(f"dashboard of {ctl.node} on {url} (Ctrl-C stops)")
+        sys.stdout.flush()
+
+    feed = Feed(Source(ctl.node, ctl.timeout, ctl.keys, ctl.as_name))
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve(feed, sock, open_browser, ready)
+    click.echo("dashboard stopped")
 
 
 @ctl_main.command()

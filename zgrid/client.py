@@ -22,6 +22,7 @@ from zgrid.errors import ControlError, NoReply, ProtocolError
 from zgrid.wire import (
     ControlRequest,
     FlexRequest,
+    GraphRequest,
     LinkRequest,
     NodesRequest,
     Reply,
@@ -91,6 +92,10 @@ class Client:
     def nodes(self) -> list[dict[str, Any]]:
         nodes: list[dict[str, Any]] = self.request(NodesRequest())["nodes"]
         return nodes
+
+    def graph(self) -> dict[str, Any]:
+        """Every known node with its island, every link with its state (protocol.md `graph`)."""
+        return self.request(GraphRequest())
 
     def request(self, req: ControlRequest) -> dict[str, Any]:
         """Send one request, wait for its reply; the reply body on success."""

@@ -110,6 +110,7 @@ from zgrid.wire import (
     DigestMsg,
     Flex,
     FlexRequest,
+    GraphRequest,
     Hello,
     LinkRequest,
     Message,
@@ -473,7 +474,7 @@ def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]
 
 
 _CONTROL_REQUESTS = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
-                     NodesRequest, WatchRequest)
+                     NodesRequest, GraphRequest, WatchRequest)
 _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
 _CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
@@ -1288,7 +1289,8 @@ class Core:
         raise ControlError(
             f"key {who!r} may not change {self.id}: only {self.id}'s own key and operator keys "
             f"may (operators: {operators}; mark one with `zgrid-ctl keygen --operator`). "
-            "Read-only requests (status, nodes, watch) are open to every member", "not_operator")
+            "Read-only requests (status, nodes, graph, watch) are open to every member",
+            "not_operator")
 
     def _control(self, client: ClientId, req: ControlRequest, now: float
                  ) -> tuple[list[Effect], dict[str, Any]]:
@@ -1297,6 +1299,8 @@ class Core:
                 return [], self.status(now)
             case NodesRequest():
                 return [], {"nodes": self.nodes(now)}
+            case GraphRequest():
+                return [], self.graph(now)
             case WatchRequest():
                 self._watchers[client] = now + WATCH_LEASE_S
                 return [], self.watch_view(now)
@@ -1748,6 +1752,37 @@ class Core:
                  "nonce": a.nonce, **_flex_body(a.flex or NO_FLEX),
                  "activation_kw": a.activation_kw}
                 for a in sorted(self.table, key=lambda a: a.origin)]
+
+    def graph(self, now: float) -> dict[str, Any]:
+        """The grid as this node knows it, for pictures of it: every known node (its `nodes`
+        row and the index of its island), every link as one edge, and the islands.
+
+        An edge is `up` when both adverts list each other (the two-way check the totals use),
+        `one_way` when only one does (a link coming up or going down, or a stale advert of
+        another island), `down` for a link of ours that is not up (whatever adverts say).
+        Islands are the components of the `up` edges; ours is first, the others largest
+        first."""
+        adverts = self.table.by_origin
+        groups = self.table.components()
+        ours = next(i for i, g in enumerate(groups) if self.id in g)
+        groups.insert(0, groups.pop(ours))
+        island_of = {x: i for i, g in enumerate(groups) for x in g}
+        edges: dict[tuple[str, str], str] = {}
+        for a in adverts.values():
+            for y in a.links:
+                if y == a.origin or y not in adverts:
+                    continue  # no node to draw it to (yet)
+                pair = (a.origin, y) if a.origin < y else (y, a.origin)
+                edges[pair] = "up" if a.origin in adverts[y].links else "one_way"
+        for sib in self.siblings.values():  # our own links: we know better than adverts
+            other = sib.id or sib.expected_id
+            if not sib.up and other is not None and other != self.id and other in adverts:
+                edges[(self.id, other) if self.id < other else (other, self.id)] = "down"
+        return {"id": self.id,
+                "nodes": [{**row, "island": island_of[row["id"]]} for row in self.nodes(now)],
+                "edges": [{"a": a, "b": b, "state": state}
+                          for (a, b), state in sorted(edges.items())],
+                "islands": groups}
 
     def sibling(self, name: str) -> Sibling | None:
         """A sibling by endpoint or id (None if there is no such sibling)."""

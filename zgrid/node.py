@@ -8,6 +8,10 @@ merging, no link states, no totals. Those live in core.py, where the simulator r
 One ROUTER is bound for everything inbound (siblings and control clients alike); one DEALER
 per sibling carries everything outbound. The single-threaded `zmq.Poller` loop is the actor's
 mailbox: frames are handled one at a time, so the core needs no locks.
+
+With --metrics-port the loop also counts what it receives and sends into a `zgrid.metrics.Meter`
+and hands it snapshots to serve; zgrid/metrics.py does the rest, and with metrics off none of
+it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -74,6 +79,9 @@ from zgrid.wire import (
     parse_sibling_address,
 )
 
+if TYPE_CHECKING:  # zgrid.metrics (and prometheus_client) load only with --metrics-port
+    from zgrid.metrics import Meter, MetricsServer
+
 log = logging.getLogger("zgrid.node")
 
 DEVICE_STEP_S = 1.0  # how often the device integrates its activation and may change its offer
@@ -88,6 +96,7 @@ CLOSE_LINGER_MS = 200  # long enough for a BYE to leave before its socket closes
 # so a flood of refused HELLOs costs a bounded number of sockets (ZeroMQ allows 1023 at most).
 MAX_ONE_SHOT_SOCKETS = 8
 ONE_SHOT_IDLE_S = 1.0
+DEFAULT_METRICS_HOST = "127.0.0.1"  # metrics tell a lot about a node: loopback unless asked
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CRASH_EXIT_CODE = 137  # what a shell reports for kill -9: the crash hook's exit looks the same
 CRASH_HOOK_FLOOD_S = 0.2  # the crash hook waits this long so the flood is on the wire first
@@ -111,6 +120,8 @@ class NodeSettings:
     dead_after_s: float = 1.0
     forget_after_s: float = 600.0
     keys_dir: Path | None = None
+    metrics_port: int | None = None  # serve Prometheus metrics here (None: off)
+    metrics_host: str = DEFAULT_METRICS_HOST
     drop_rate: float = 0.0  # testing only: drop this fraction of outgoing `adverts` messages
     # Testing only: exit at once (as kill -9 would) after flooding a change, before saving it.
     crash_before_save: bool = False
@@ -160,13 +171,23 @@ class Node:
         self._device_save_due = False
         self._device_at = 0.0
         self._device_off: dict[str, float] = {}
+        # With --metrics-port: the HTTP endpoint, and the Meter the loop counts into. None
+        # otherwise, and then the hot path pays only an `is None` check.
+        self._metrics: MetricsServer | None = None
+        self._meter: Meter | None = None
         self._store = self._open_store()
         try:
             restored = self._restored_state()
             if settings.keys_dir is not None:
                 self._membership, self._zap = self._install_security(settings.keys_dir)
             self._router = self._bind_router()
+            if settings.metrics_port is not None:
+                self._metrics = self._serve_metrics(settings.metrics_host,
+                                                    settings.metrics_port)
+                self._meter = self._metrics.meter
         except BaseException:
+            if self._metrics is not None:
+                self._metrics.stop()
             if self._zap is not None:
                 self._zap.close()
             self._store.close()
@@ -291,6 +312,15 @@ class Node:
             raise StartupError(f"cannot bind {self.settings.bind}: {exc.strerror}") from None
         return router
 
+    def _serve_metrics(self, host: str, port: int) -> MetricsServer:
+        from zgrid.metrics import MetricsServer, address
+
+        try:
+            return MetricsServer(host, port)
+        except OSError as exc:  # in use, no such address, a host name that does not resolve
+            raise StartupError(f"cannot serve metrics on {address(host, port)}: "
+                               f"{exc.strerror or exc}") from None
+
     def _dealer(self, endpoint: str, peer_id: str | None, immediate: bool) -> zmq.Socket[bytes]:
         """A DEALER connected to `endpoint`, or _CannotDial with nothing left open: a socket
         left open would make closing the context wait for it forever."""
@@ -356,10 +386,14 @@ class Node:
         else:
             once = entry[0]
         self._one_shots[key] = (once, time.monotonic())
+        frame = encode(effect.message)
         try:
-            once.send(encode(effect.message), zmq.NOBLOCK)
+            once.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             self._counters["sends_dropped"] += 1
+            return
+        if self._meter is not None:
+            self._meter.sent(effect.message, len(frame))
 
     def _close_idle_one_shots(self, now: float) -> None:
         while self._one_shots:
@@ -389,12 +423,22 @@ class Node:
         if self.settings.keys_dir is None and not _is_loopback(self.settings.bind):
             log.warning("plain TCP on %s, which is not a loopback address: anyone who can "
                         "reach it can control this node; use --keys", self.settings.bind)
+        if self._metrics is not None:
+            from zgrid.metrics import address
+
+            shown = address(self.settings.metrics_host, self._metrics.port)
+            log.info("metrics on http://%s/metrics", shown)
+            if not _is_loopback(f"tcp://[{self.settings.metrics_host}]:{self._metrics.port}"):
+                log.warning("metrics on %s, which is not a loopback address: anyone who can "
+                            "reach it can read this node's values and traffic", shown)
         try:
             code = 0
             started = False
             try:
                 self._perform(self.core.start(time.monotonic()))
                 started = True
+                if self._meter is not None:  # a scrape from now on sees the started node
+                    self._meter.publish(self.core, self._counters, time.monotonic())
                 self._loop(poller, wake_r)
             except StoreError as exc:
                 # A new incarnation that cannot be saved (other failed saves are refusals, see
@@ -426,12 +470,15 @@ class Node:
     def _loop(self, poller: zmq.Poller, wake_r: socket.socket) -> None:
         next_device_step = time.monotonic() if self.settings.device is not None else math.inf
         self._device_at = time.monotonic()
+        meter = self._meter
+        next_publish = math.inf  # when the Meter wants its next snapshot (never: metrics off)
         while not any(sig in STOP_SIGNALS for sig in self._signals):
             now = time.monotonic()
-            if now >= next_device_step:
+            stepped = now >= next_device_step
+            if stepped:
                 self._step_device(now - self._device_at)
                 self._device_at, next_device_step = now, now + DEVICE_STEP_S
-            deadline = min(self.core.next_deadline(), next_device_step)
+            deadline = min(self.core.next_deadline(), next_device_step, next_publish)
             timeout_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
             if wake_r.fileno() in ready:
@@ -443,11 +490,15 @@ class Node:
             for dealer in [d for d in self._dealt if d in ready]:
                 self._drain_dealer(dealer)
             now = time.monotonic()
-            if now >= self.core.next_deadline():
+            timed = now >= self.core.next_deadline()
+            if timed:
                 self._perform(self.core.timer(now))
             self._perform(self.core.flush(now))
             self._save_and_acknowledge()
             self._close_idle_one_shots(now)
+            if meter is not None:
+                next_publish = meter.turn(self.core, self._counters, now,
+                                          active=bool(ready) or timed or stepped)
 
     def _step_device(self, dt_s: float) -> None:
         """Integrate what the clearing asked of the device since the last step (its base output
@@ -567,6 +618,9 @@ class Node:
             self._ctx.destroy(linger=0)
         finally:
             self._store.close()  # releases the data dir's lock, whatever happened above
+            if self._metrics is not None:
+                self._metrics.stop()  # the port is free once the node has stopped
+                self._metrics = self._meter = None
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)  # the wakeup fd makes the poll return at once
@@ -617,6 +671,7 @@ class Node:
 
     def _drain_router(self) -> None:
         secure = self._membership is not None
+        meter = self._meter
         for _ in range(MAX_DRAIN_FRAMES):
             member: str | None = None
             try:
@@ -628,12 +683,16 @@ class Node:
                     parts = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._perform(self.core.handle(tuple(parts[:-1]), decode_or_error(parts[-1]),
-                                           time.monotonic(), member))
+            if meter is None:
+                self._perform(self.core.handle(tuple(parts[:-1]), decode_or_error(parts[-1]),
+                                               time.monotonic(), member))
+            else:
+                self._handle_metered(meter, tuple(parts[:-1]), parts[-1], member)
 
     def _drain_dealer(self, dealer: zmq.Socket[bytes]) -> None:
         """What a sibling sent back over our DEALER to it (its ROUTER answering over the
         connection we made; see `Route`): sibling messages, from the member we dialed."""
+        meter = self._meter
         for _ in range(MAX_DRAIN_FRAMES):
             if dealer not in self._dealt:  # disconnected by what the last frame did
                 return
@@ -642,8 +701,19 @@ class Node:
             except zmq.Again:
                 return
             member = self._dealt[dealer] if self._membership is not None else None
-            self._perform(self.core.handle(ON_OUR_DEALER, decode_or_error(parts[-1]),
-                                           time.monotonic(), member))
+            if meter is None:
+                self._perform(self.core.handle(ON_OUR_DEALER, decode_or_error(parts[-1]),
+                                               time.monotonic(), member))
+            else:
+                self._handle_metered(meter, ON_OUR_DEALER, parts[-1], member)
+
+    def _handle_metered(self, meter: Meter, sender: ClientId, frame: bytes,
+                        member: str | None) -> None:
+        """What the drains do with a frame, timed and counted (only with --metrics-port)."""
+        started = time.perf_counter()
+        message = decode_or_error(frame)
+        self._perform(self.core.handle(sender, message, time.monotonic(), member))
+        meter.handled(message, len(frame), time.perf_counter() - started)
 
     # ------------------------------------------------------------------------ effects
 
@@ -708,6 +778,8 @@ class Node:
             self._counters["sends_routed"] += 1
         self._counters["messages_sent"] += 1
         self._counters["bytes_sent"] += len(frame)
+        if self._meter is not None:
+            self._meter.sent(message, len(frame))
 
     def _respond(self, effect: Respond) -> None:
         reply = effect.reply
@@ -719,10 +791,14 @@ class Node:
         self._deliver(effect.client, reply)
 
     def _deliver(self, client: ClientId, reply: Reply | ViewUpdate) -> None:
+        frame = encode(reply)
         try:
-            self._router.send_multipart([*client, encode(reply)], zmq.NOBLOCK)
+            self._router.send_multipart([*client, frame], zmq.NOBLOCK)
         except zmq.ZMQError:  # EHOSTUNREACH (client gone, ROUTER_MANDATORY) or a full queue
             self.core.client_gone(client)
+            return
+        if self._meter is not None:
+            self._meter.sent(reply, len(frame))
 
     def _publish(self, effect: Publish) -> None:
         view = effect.view

@@ -332,6 +332,29 @@ class AdvertTable:
                                       for x in seen if x in adverts)
         return self._island
 
+    def components(self) -> list[list[str]]:
+        """Every known origin grouped into islands as each would see itself: connected over
+        two-way edges, sorted ids, largest first. For views only (O(table)): the protocol
+        needs nothing but the owner's own island."""
+        adverts = self._adverts
+        seen: set[str] = set()
+        groups: list[list[str]] = []
+        for start in sorted(adverts):
+            if start in seen:
+                continue
+            seen.add(start)
+            group, stack = [start], [start]
+            while stack:
+                x = stack.pop()
+                for y in adverts[x].links:
+                    if y not in seen and (ay := adverts.get(y)) is not None and x in ay.links:
+                        seen.add(y)
+                        group.append(y)
+                        stack.append(y)
+            groups.append(sorted(group))
+        groups.sort(key=lambda g: (-len(g), g[0]))
+        return groups
+
     def totals(self, now: float) -> tuple[float, float, float]:
         """(total_net, total_production, total_consumption) of the island, exactly rounded."""
         self.island(now)

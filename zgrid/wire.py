@@ -63,6 +63,7 @@ class MessageType(StrEnum):
     LINK = "link"
     UNLINK = "unlink"
     NODES = "nodes"
+    GRAPH = "graph"
     WATCH = "watch"
     # node to control client
     REPLY = "reply"
@@ -242,13 +243,20 @@ class NodesRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class GraphRequest:
+    """Read-only: every known node with its island, and every link as an edge with its state."""
+
+    rid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WatchRequest:
     rid: int | None = None
 
 
 ControlRequest: TypeAlias = (
     StatusRequest | SetRequest | FlexRequest | LinkRequest | UnlinkRequest | NodesRequest
-    | WatchRequest
+    | GraphRequest | WatchRequest
 )
 
 
@@ -321,8 +329,9 @@ def to_wire(msg: Message) -> dict[str, Any]:
         case Bye():
             return {"v": v, "t": "bye", "from": msg.sender, "n": msg.nonce,
                     "reason": str(msg.reason), "dialed": msg.dialed, "detail": msg.detail}
-        case StatusRequest() | NodesRequest() | WatchRequest():
-            kind = {StatusRequest: "status", NodesRequest: "nodes", WatchRequest: "watch"}
+        case StatusRequest() | NodesRequest() | GraphRequest() | WatchRequest():
+            kind = {StatusRequest: "status", NodesRequest: "nodes", GraphRequest: "graph",
+                    WatchRequest: "watch"}
             return _with_rid({"v": v, "t": kind[type(msg)]}, msg.rid)
         case SetRequest():
             out: dict[str, Any] = {"v": v, "t": "set"}
@@ -676,6 +685,7 @@ _DECODERS: dict[MessageType, Any] = {
     MessageType.LINK: _link,
     MessageType.UNLINK: _unlink,
     MessageType.NODES: lambda f: NodesRequest(f.rid()),
+    MessageType.GRAPH: lambda f: GraphRequest(f.rid()),
     MessageType.WATCH: lambda f: WatchRequest(f.rid()),
     MessageType.REPLY: _reply,
     MessageType.VIEW: _view,
