@@ -6,6 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
+# Debian's Chromium: the browser tests' and the dashboard benchmark's browser.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run reset test lint bench bench-sim bench-sim-cold soak mosaik-demo clean
 
@@ -29,7 +31,6 @@ reset: $(RUN_STAMP)  # forgets the saved grid (not .venv) and starts the demo af
 
 # The browser tests' Chromium: Debian's package, installed where apt-get can (as root); where
 # it cannot, the browser tests are skipped with that reason (under CI they fail instead).
-CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian's chromium for the browser tests"; \
@@ -48,10 +49,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check zgrid tests scripts
 	$(BIN)/mypy zgrid
 
-bench: $(STAMP)  # real processes: signed adverts; convergence, faults, idle, load; balancing
+bench: $(STAMP) | $(CHROMIUM)  # real processes: signing; convergence, faults, idle, load; balancing; the dashboard
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_signing.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_converge.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench_balancing.py $(BENCH_ARGS)
+	$(BIN)/python scripts/bench_dashboard.py
 
 bench-sim: $(STAMP)  # scale of agreement; then Phase II's simulated day (1,000 nodes)
 	$(BIN)/python scripts/bench_sim.py
