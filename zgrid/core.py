@@ -595,7 +595,7 @@ class Core:
             out.append(Connect(sib.endpoint, sib.expected_id))
             if not sib.up:
                 sib.next_hello = now
-        self._next_ping = now + self.config.ping_interval_s
+        self._next_ping = self._ping_after(now)
         self._next_forget_check = now + self.config.forget_after_s / 10
         out.extend(self.timer(now))
         return out
@@ -1441,7 +1441,7 @@ class Core:
             self._remove(sib)
             out.append(Disconnect(sib.endpoint))
         if now >= self._next_ping:
-            self._next_ping = now + cfg.ping_interval_s
+            self._next_ping = self._ping_after(now)
             ping = Ping(self.id, self.config.nonce, self.table.hash)
             out.extend(Send(sib.endpoint, ping) for sib in self.siblings.values() if sib.up)
         out.extend(self._send_hellos(now))
@@ -1455,6 +1455,14 @@ class Core:
             self._next_storage_retry = now + STORAGE_RETRY_S
             out.append(Persist(self.persisted_state()))
         return out
+
+    def _ping_after(self, now: float) -> float:
+        """The next multiple of the ping interval after `now`. Every node of a machine (one
+        monotonic clock) pings at the same instants, so a node's siblings' pings arrive
+        together and one wakeup takes them all: idle cost goes with the ping interval, not
+        with the number of siblings."""
+        interval = self.config.ping_interval_s
+        return (math.floor(now / interval) + 1) * interval
 
     def next_deadline(self) -> float:
         """When `timer` next has something to do (the runtime's poll timeout)."""
