@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from zgrid.dashboard.feed import grid_events, kind_of, totals_point
+from zgrid.security import keygen
 
 from conftest import BIN, HOST, Grid, NodeProc, free_port, wait_until
 
@@ -130,8 +131,9 @@ class Dashboard:
 
 
 def _start_dashboard(node: NodeProc, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(BIN / "zgrid-ctl"), "--node", node.address, "dashboard",
-                             "--port", "0", *extra], stdout=subprocess.PIPE,
+    keys = ("--keys", str(node.keys)) if node.keys else ()
+    return subprocess.Popen([str(BIN / "zgrid-ctl"), *keys, "--node", node.address,
+                             "dashboard", "--port", "0", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
 
@@ -174,6 +176,22 @@ def test_snapshot_holds_the_grid_and_the_totals_status_reports(
     assert snap["link"]["ok"] is True
     assert [n["id"] for n in snap["grid"]["nodes"]] == ["a", "b"]
     assert snap["history"][-1]["total_net"] == a.ctl_json("status")["total_net"] == 6.0
+
+
+def test_dashboard_follows_a_grid_that_uses_keys(
+        grid: Grid, dashboards: list[Dashboard], tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    for name in ("a", "b"):
+        keygen(keys, name)
+    keygen(keys, "operator", operator=True)
+    a = grid.add("a", "--production", "10", keys=keys)
+    b = grid.add("b", "--consumption", "4", "--sibling", a.address, keys=keys)
+    grid.wait_island([a, b])
+    d = open_dashboard(dashboards, a)  # zgrid-ctl --keys DIR --node a@... dashboard
+    snap = wait_until(lambda: (s := d.get_json("api/snapshot"))["grid"] and s,
+                      what="the snapshot to hold the keyed grid")
+    assert [n["id"] for n in snap["grid"]["nodes"]] == ["a", "b"]
+    assert snap["link"]["ok"] is True
 
 
 def test_dashboard_stops_cleanly_on_ctrl_c_with_a_page_streaming(
