@@ -1,5 +1,6 @@
 # zgrid: every target creates .venv if it is missing and installs the project into it:
-# `make run` and `make reset` only what running needs, every other target the dev extra too.
+# `make run` and `make reset` what running needs (with the dashboard's web extra), every other
+# target the dev extra too.
 PYTHON ?= python3
 BENCH_ARGS ?=  # options all three bench scripts take, e.g. BENCH_ARGS="--wait-quiet 240"
 VENV   := .venv
@@ -14,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 $(RUN_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[web]'
 	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml
