@@ -56,24 +56,7 @@ from prometheus_client.registry import Collector
 from zgrid import __version__
 from zgrid.core import LinkState
 from zgrid.errors import ProtocolError
-from zgrid.wire import (
-    Adverts,
-    Bye,
-    DigestMsg,
-    FlexRequest,
-    GraphRequest,
-    Hello,
-    LinkRequest,
-    MessageType,
-    NodesRequest,
-    Ping,
-    Reply,
-    SetRequest,
-    StatusRequest,
-    UnlinkRequest,
-    ViewUpdate,
-    WatchRequest,
-)
+from zgrid.wire import MESSAGE_TYPES
 
 if TYPE_CHECKING:
     from zgrid.core import Core, Sibling
@@ -91,14 +74,8 @@ HANDLING_BUCKETS_S = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001
 INVALID_TYPE = "invalid"  # the `type` label of a frame that did not decode
 
 # The `type` label of each message class: its `t` on the wire.
-_TYPE_NAMES: Mapping[type, str] = {
-    Hello: MessageType.HELLO, Adverts: MessageType.ADVERTS, DigestMsg: MessageType.DIGEST,
-    Ping: MessageType.PING, Bye: MessageType.BYE, StatusRequest: MessageType.STATUS,
-    SetRequest: MessageType.SET, FlexRequest: MessageType.FLEX, LinkRequest: MessageType.LINK,
-    UnlinkRequest: MessageType.UNLINK, NodesRequest: MessageType.NODES,
-    GraphRequest: MessageType.GRAPH, WatchRequest: MessageType.WATCH, Reply: MessageType.REPLY,
-    ViewUpdate: MessageType.VIEW, ProtocolError: INVALID_TYPE,
-}
+_TYPE_NAMES: Mapping[type, str] = {**{k: str(t) for k, t in MESSAGE_TYPES.items()},
+                                   ProtocolError: INVALID_TYPE}
 
 # Counters the core and the runtime keep already (their key in `status` counters), exported
 # as they are: metric name (without _total) and help.

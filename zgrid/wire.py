@@ -285,6 +285,16 @@ PEER_TYPES = frozenset(
     {MessageType.HELLO, MessageType.ADVERTS, MessageType.DIGEST, MessageType.PING, MessageType.BYE}
 )
 
+# The `t` each message class is sent with (the encoder's and the metrics' one table).
+MESSAGE_TYPES: Mapping[type, MessageType] = {
+    Hello: MessageType.HELLO, Adverts: MessageType.ADVERTS, DigestMsg: MessageType.DIGEST,
+    Ping: MessageType.PING, Bye: MessageType.BYE, StatusRequest: MessageType.STATUS,
+    SetRequest: MessageType.SET, FlexRequest: MessageType.FLEX, LinkRequest: MessageType.LINK,
+    UnlinkRequest: MessageType.UNLINK, NodesRequest: MessageType.NODES,
+    GraphRequest: MessageType.GRAPH, WatchRequest: MessageType.WATCH, Reply: MessageType.REPLY,
+    ViewUpdate: MessageType.VIEW,
+}
+
 # ----------------------------------------------------------------------------------- encoding
 
 
@@ -330,9 +340,7 @@ def to_wire(msg: Message) -> dict[str, Any]:
             return {"v": v, "t": "bye", "from": msg.sender, "n": msg.nonce,
                     "reason": str(msg.reason), "dialed": msg.dialed, "detail": msg.detail}
         case StatusRequest() | NodesRequest() | GraphRequest() | WatchRequest():
-            kind = {StatusRequest: "status", NodesRequest: "nodes", GraphRequest: "graph",
-                    WatchRequest: "watch"}
-            return _with_rid({"v": v, "t": kind[type(msg)]}, msg.rid)
+            return _with_rid({"v": v, "t": str(MESSAGE_TYPES[type(msg)])}, msg.rid)
         case SetRequest():
             out: dict[str, Any] = {"v": v, "t": "set"}
             if msg.production is not None:
