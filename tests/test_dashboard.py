@@ -287,12 +287,23 @@ def _wait_page(page: Any, predicate: Any, timeout: float, what: str) -> dict[str
     return wait_until(shown, timeout, what=what)
 
 
-def test_page_draws_every_node_and_the_islands_total(
-        grid: Grid, dashboards: list[Dashboard], page: Any, tmp_path: Path) -> None:
-    nodes = grid.line(("n1", 50, 0), ("n2", 6, 2.5), ("n3", 0, 3.2), ("n4", 0, 38))
+FOUR_NODES = (("n1", 50, 0), ("n2", 6, 2.5), ("n3", 0, 3.2), ("n4", 0, 38))  # 12.3 kW net
+
+
+@pytest.fixture
+def four_node_page(grid: Grid, dashboards: list[Dashboard], page: Any) -> list[NodeProc]:
+    """A 4-node line, its dashboard following n1, and `page` showing it: the nodes."""
+    nodes = grid.line(*FOUR_NODES)
     grid.wait_island(nodes)
-    d = open_dashboard(dashboards, nodes[0])
-    page.goto(d.url)
+    page.goto(open_dashboard(dashboards, nodes[0]).url)
+    _wait_page(page, lambda s: s["nodes"] == 4 and s["totalNet"] is not None, 10.0,
+               "the page to load")
+    return nodes
+
+
+def test_page_draws_every_node_and_the_islands_total(
+        four_node_page: list[NodeProc], page: Any, tmp_path: Path) -> None:
+    nodes = four_node_page
     total = nodes[0].ctl_json("status")["total_net"]
     s = _wait_page(page, lambda s: s["nodes"] == 4 and s["totalNet"] == total, 10.0,
                    "the page to show 4 nodes and the total")
@@ -302,13 +313,8 @@ def test_page_draws_every_node_and_the_islands_total(
 
 
 def test_page_shows_a_new_total_within_two_seconds_of_a_set(
-        grid: Grid, dashboards: list[Dashboard], page: Any) -> None:
-    nodes = grid.line(("n1", 50, 0), ("n2", 6, 2.5), ("n3", 0, 3.2), ("n4", 0, 38))
-    grid.wait_island(nodes)
-    d = open_dashboard(dashboards, nodes[0])
-    page.goto(d.url)
-    _wait_page(page, lambda s: s["nodes"] == 4 and s["totalNet"] is not None, 10.0,
-               "the page to load")
+        four_node_page: list[NodeProc], page: Any) -> None:
+    nodes = four_node_page
     started = time.monotonic()
     nodes[3].ctl("set", "--consumption", "20", check=True)  # 12.3 -> 30.3 kW, at a far node
     _wait_page(page, lambda s: s["totalNet"] == 30.3, PAGE_UPDATE_S,
@@ -317,11 +323,8 @@ def test_page_shows_a_new_total_within_two_seconds_of_a_set(
 
 
 def test_unlinking_a_node_draws_two_islands(
-        grid: Grid, dashboards: list[Dashboard], page: Any, tmp_path: Path) -> None:
-    nodes = grid.line(("n1", 50, 0), ("n2", 6, 2.5), ("n3", 0, 3.2), ("n4", 0, 38))
-    grid.wait_island(nodes)
-    d = open_dashboard(dashboards, nodes[0])
-    page.goto(d.url)
+        four_node_page: list[NodeProc], page: Any, tmp_path: Path) -> None:
+    nodes = four_node_page
     _wait_page(page, lambda s: s["drawnIslands"] == 1 and s["nodes"] == 4, 10.0,
                "the page to draw one island")
     nodes[2].ctl("unlink", "n4", check=True)

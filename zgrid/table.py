@@ -315,14 +315,7 @@ class AdvertTable:
             return self._island
         adverts = self._adverts
         seen = {self.owner}
-        stack = [self.owner]
-        while stack:
-            x = stack.pop()
-            ax = adverts.get(x)
-            for y in ax.links if ax is not None else ():
-                if y not in seen and (ay := adverts.get(y)) is not None and x in ay.links:
-                    seen.add(y)
-                    stack.append(y)
+        self._reach(self.owner, seen)
         island = frozenset(seen)
         self._island = _SHARED_ISLANDS.setdefault(island, island)
         self._island_dirty = False
@@ -342,18 +335,25 @@ class AdvertTable:
         for start in sorted(adverts):
             if start in seen:
                 continue
-            seen.add(start)
-            group, stack = [start], [start]
-            while stack:
-                x = stack.pop()
-                for y in adverts[x].links:
-                    if y not in seen and (ay := adverts.get(y)) is not None and x in ay.links:
-                        seen.add(y)
-                        group.append(y)
-                        stack.append(y)
+            group = {start}
+            self._reach(start, group)
+            seen |= group
             groups.append(sorted(group))
         groups.sort(key=lambda g: (-len(g), g[0]))
         return groups
+
+    def _reach(self, start: str, seen: set[str]) -> None:
+        """Add to `seen` every origin reachable from `start` over two-way edges (both adverts
+        list each other) without passing through what `seen` holds already."""
+        adverts = self._adverts
+        stack = [start]
+        while stack:
+            x = stack.pop()
+            ax = adverts.get(x)
+            for y in ax.links if ax is not None else ():
+                if y not in seen and (ay := adverts.get(y)) is not None and x in ay.links:
+                    seen.add(y)
+                    stack.append(y)
 
     def totals(self, now: float) -> tuple[float, float, float]:
         """(total_net, total_production, total_consumption) of the island, exactly rounded."""

@@ -137,7 +137,6 @@ class Feed:
         self._clock = clock
         self._lock = threading.Lock()
         self._grid: dict[str, Any] | None = None
-        self._grid_text = ""
         self._view: dict[str, Any] | None = None
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
@@ -220,15 +219,14 @@ class Feed:
         self._changed.set()  # the poller fetches the graph now: its values moved too
 
     def _on_grid(self, grid: dict[str, Any]) -> None:
-        text = json.dumps(grid, sort_keys=True, separators=(",", ":"))
         with self._lock:
-            if text == self._grid_text:
+            if grid == self._grid:
                 return
             events = grid_events(self._grid, grid, self._clock()) if self._grid else [
                 {"t": self._clock(), "kind": "joined",
                  "text": f"following {grid['id']}: {len(grid['nodes'])} nodes known, "
                          f"{len(grid['islands'])} island(s)"}]
-            self._grid, self._grid_text = grid, text
+            self._grid = grid
             self._publish_locked("grid", grid)
             if events:
                 self._events.extend(events)
