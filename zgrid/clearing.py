@@ -281,11 +281,12 @@ class OfferBook:
     Holds only offers with some flexibility; base values come in as the imbalance.
     """
 
-    __slots__ = ("_down", "_held", "_up")
+    __slots__ = ("_down", "_held", "_up", "version")
 
     def __init__(self) -> None:
         self._up = _Side()
         self._down = _Side()
+        self.version = 0  # moves whenever an offer held changes: a reader's cache key
         self._held: dict[str, tuple[int, int, int, int]] = {}  # up price, units; down price, units
 
     def __len__(self) -> int:
@@ -301,6 +302,7 @@ class OfferBook:
         self.remove(node_id)
         if not entry[1] and not entry[3]:
             return
+        self.version += 1
         self._held[node_id] = entry
         if entry[1]:
             self._up.add(node_id, entry[0], entry[1])
@@ -311,6 +313,7 @@ class OfferBook:
         entry = self._held.pop(node_id, None)
         if entry is None:
             return
+        self.version += 1
         if entry[1]:
             self._up.remove(node_id, entry[0])
         if entry[3]:

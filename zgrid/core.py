@@ -464,10 +464,6 @@ class LinkGate:
         self._endpoints = {e for i, e in self._unlinked.values() if i is None}
 
 
-def _same(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
 def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]]:
     for start in range(0, len(items), size):
         yield tuple(items[start:start + size])
@@ -514,7 +510,7 @@ class Core:
         self._book = OfferBook()
         self._book_island: frozenset[str] | None = None
         self._book_flex: dict[str, Flex] = {}  # the offer object the book holds, by origin
-        self._balanced_at: tuple[int, frozenset[str]] | None = None
+        self._balanced_at: tuple[int, OfferBook, int] | None = None
         self._wanted_kw = 0.0  # the activation our clearing asks for, applied at _balance_due
         self._balance_due = math.inf
         self._activations: tuple[tuple[int, frozenset[str]], int] | None = None
@@ -1031,18 +1027,64 @@ class Core:
                 return [Log(LogLevel.INFO, f"{sib.name} said goodbye; link down")]
 
     def _on_adverts(self, msg: Adverts, sib: Sibling, now: float) -> list[Effect]:
-        bad_signatures = self.counters["bad_signatures"]
+        """Merge a batch of adverts into the table and queue what is new for the other
+        siblings. The hot path of the whole protocol (every advert of every message passes
+        here, N times per change in an N-node grid): the common cases, a version we hold and a
+        newer one to store, cost the table's merge and a few dict operations, no call of their
+        own; counters move once per message."""
+        counters = self.counters
+        adverts = msg.adverts
+        counters["adverts_received"] += len(adverts)
+        bad_signatures = counters["bad_signatures"]
         table = self.table
-        held = table.by_origin
-        for advert in msg.adverts:
-            new_origin = advert.origin not in held and advert.origin != sib.id
+        held, merge = table.by_origin, table.merge
+        verify = None if self._seal is None else self._seal.verify
+        own_id, by_id = self.id, self._by_id
+        came_back = sib.outbox
+        forward: list[dict[str, Advert]] | None = None  # the other up siblings' outboxes
+        accepted = ignored = unverified = 0
+        for a in adverts:
+            origin = a.origin
+            if origin == own_id:
+                self._learn_about_self(a, now)
+                continue
+            if a.incarnation == MAX_COUNTER and a.seq == MAX_COUNTER:
+                self._retract(a, now)
+                continue
+            new_origin = origin not in held and origin != sib.id
             if new_origin and not self._may_introduce(sib, now):
                 continue
-            self._learn(advert, sib, now)
-            if new_origin and advert.origin in table:
-                sib.introduced.add(advert.origin)
+            # The seal is asked only about versions new to us: one verification per version.
+            merged = merge(a, verify)
+            if merged is Merge.NEW:
+                accepted += 1
+                if forward is None:
+                    forward = [s.outbox for s in self.siblings.values()
+                               if s.state is LinkState.UP and s is not sib]
+                for outbox in forward:
+                    outbox[origin] = a
+                if new_origin:
+                    sib.introduced.add(origin)
+                known = by_id.get(origin)
+                if known is not None and known.state is LinkState.UP and (
+                        (a.nonce == known.nonce) != (origin in self.own_advert.links)):
+                    self._relist()  # the first advert of a sibling's new life (or one of another)
+            elif merged is Merge.STALE:
+                # The sender holds this version already: if we queued it (or an older one) for
+                # the sender, since it arrived from elsewhere first, sending it back is waste.
+                queued = came_back.get(origin)
+                if queued is not None and (queued.incarnation, queued.seq) <= (
+                        a.incarnation, a.seq):
+                    del came_back[origin]
+            elif merged is Merge.UNVERIFIED:
+                unverified += 1
+            elif merged is Merge.FULL:
+                ignored += 1
+        counters["adverts_accepted"] += accepted
+        counters["ignored"] += ignored
+        counters["bad_signatures"] += unverified
         out = self._save_incarnation()
-        if self.counters["bad_signatures"] != bad_signatures:
+        if counters["bad_signatures"] != bad_signatures:
             out.extend(self._log_bad_signatures(msg.sender, now))
         return out
 
@@ -1119,41 +1161,6 @@ class Core:
             return [Send(sib.endpoint,
                          DigestMsg(self.id, self.config.nonce, self.table.digest(), False))]
         return []
-
-    def _learn(self, a: Advert, source: Sibling, now: float) -> None:
-        # The hot path of the whole protocol (every advert of every message): keep it lean.
-        counters = self.counters
-        counters["adverts_received"] += 1
-        if a.origin == self.id:
-            self._learn_about_self(a, now)
-            return
-        seal = self._seal
-        if a.incarnation == MAX_COUNTER and a.seq == MAX_COUNTER:
-            self._retract(a, now)
-            return
-        # The seal is asked only about versions new to us: one verification per version.
-        merged = self.table.merge(a) if seal is None else self.table.merge(a, seal.verify)
-        if merged is not Merge.NEW:
-            if merged is Merge.UNVERIFIED:
-                counters["bad_signatures"] += 1
-            elif merged is Merge.FULL:
-                counters["ignored"] += 1
-            elif merged is Merge.STALE:
-                # The sender holds this version already: if we queued it (or an older one) for
-                # the sender, since it arrived from elsewhere first, sending it back is waste.
-                queued = source.outbox.get(a.origin)
-                if queued is not None and (queued.incarnation, queued.seq) <= (
-                        a.incarnation, a.seq):
-                    del source.outbox[a.origin]
-            return
-        counters["adverts_accepted"] += 1
-        for sib in self.siblings.values():
-            if sib.state is LinkState.UP and sib is not source:
-                sib.outbox[a.origin] = a
-        origin = self._by_id.get(a.origin)
-        if origin is not None and origin.state is LinkState.UP and (
-                (a.nonce == origin.nonce) != (a.origin in self.own_advert.links)):
-            self._relist()  # the first advert of a sibling's new life (or one of another)
 
     def _retract(self, a: Advert, now: float) -> None:
         """The maximum version can never be outbid, so no origin ever uses it and it cannot
@@ -1576,8 +1583,9 @@ class Core:
                 adverts = tuple(outbox.values())
                 if len(adverts) <= MAX_ADVERTS_PER_MESSAGE:
                     # A flood queues the same adverts for most siblings: one message object
-                    # for all of them lets the runtime encode it once.
-                    if shared is None or not _same(shared.adverts, adverts):
+                    # for all of them lets the runtime encode it once. (Tuples compare
+                    # identical items without calling their __eq__: a C loop.)
+                    if shared is None or shared.adverts != adverts:
                         shared = Adverts(self.id, self.config.nonce, adverts)
                     out.append(Send(sib.endpoint, shared))
                 else:
@@ -1626,10 +1634,10 @@ class Core:
         return result
 
     def _sync_book(self, now: float) -> frozenset[str]:
-        """Bring the offer book up to the table: the changed origins only, unless the island
-        itself changed (then every member's offer is read again)."""
+        """Bring the offer book up to the table: the origins whose offer changed only, unless
+        the island itself changed (then every member's offer is read again)."""
         island = self.table.island(now)
-        changed = self.table.take_changed()
+        changed = self.table.take_offers_changed()
         adverts = self.table.by_origin
         if island is not self._book_island and island != self._book_island:
             self._book, self._book_flex = OfferBook(), {}
@@ -1641,7 +1649,7 @@ class Core:
             a = adverts.get(origin)
             f = None if a is None or origin not in island else a.flex
             if f is seen.get(origin, _UNSEEN):
-                continue  # most changes are of values or activations: the offer is the same
+                continue
             if f is None:
                 book.remove(origin)
                 seen.pop(origin, None)
@@ -1656,11 +1664,13 @@ class Core:
         has held for BALANCE_HOLDOFF_S. The clearing reads base values and offers only, so
         applying it cannot feed back. Our own share alone is asked of the book: the whole
         clearing is built only when it is read."""
-        island = self._sync_book(now)
-        key = (self.table.hash, island)
+        self._sync_book(now)
+        production, consumption = self.table.exact_units(now)
+        # Our share depends on the imbalance and the offers only: an advert that moves neither
+        # (an activation, a link elsewhere) costs no clearing.
+        key = (production - consumption, self._book, self._book.version)
         if key != self._balanced_at:
             self._balanced_at = key
-            production, consumption = self.table.exact_units(now)
             self._wanted_kw = from_units(
                 self._book.activation_units(self.id, production - consumption))
             if self._wanted_kw == self.activation_kw:

@@ -79,7 +79,7 @@ class Merge(Enum):
 class AdvertTable:
     """The adverts one node holds, keyed by origin. `owner` is the node holding the table."""
 
-    __slots__ = ("_adverts", "_changed", "_island", "_island_dirty", "_tombstones",
+    __slots__ = ("_adverts", "_island", "_island_dirty", "_offers_changed", "_tombstones",
                  "_units_consumption", "_units_production", "_unreachable_since", "evicted",
                  "hash", "max_nodes", "owner")
 
@@ -95,9 +95,11 @@ class AdvertTable:
         self._units_consumption = 0
         self._unreachable_since: dict[str, float] = {}
         self._tombstones: dict[str, tuple[tuple[int, int], float]] = {}  # version, forgotten at
-        # Origins stored or dropped since `take_changed` was last called: what an incremental
-        # reader (the core's offer book) must look at again. Bounded by the origins held.
-        self._changed: set[str] = set()
+        # Origins whose offer may differ since `take_offers_changed` was last called (stored
+        # for the first time, stored with another offer, or dropped): what the core's offer
+        # book must read again. Most new versions move values only, and are not in it.
+        # Bounded by the origins held.
+        self._offers_changed: set[str] = set()
 
     @classmethod
     def converged(cls, owner: str, adverts: Mapping[str, Advert], max_nodes: int
@@ -172,26 +174,34 @@ class AdvertTable:
         """Store `a` iff it is newer than the version held (and `verify`, if given, accepts it:
         it is asked only about versions that would be stored). The hot path of the protocol:
         every advert of every message passes here, so it does O(1) work."""
-        old = self._adverts.get(a.origin)
-        victim: str | None = None
+        origin = a.origin
+        old = self._adverts.get(origin)
         if old is None:
-            tomb = self._tombstones.get(a.origin)
-            if tomb is not None and (a.incarnation, a.seq) <= tomb[0]:
-                return Merge.FORGOTTEN
-            if len(self._adverts) >= self.max_nodes:
-                # Full: an origin nobody in our island can reach makes room, or a peer that
-                # filled the table with unreachable inventions would keep real nodes out.
-                victim = self._unreachable_victim()
-                if victim is None:
-                    return Merge.FULL
-        elif a.incarnation < old.incarnation or (
+            return self._merge_new_origin(a, verify)
+        if a.incarnation < old.incarnation or (
                 a.incarnation == old.incarnation and a.seq <= old.seq):
             return Merge.STALE
         if verify is not None and not verify(a):
             return Merge.UNVERIFIED
+        self._store(a, old)
+        return Merge.NEW
+
+    def _merge_new_origin(self, a: Advert, verify: Callable[[Advert], bool] | None) -> Merge:
+        victim: str | None = None
+        tomb = self._tombstones.get(a.origin)
+        if tomb is not None and (a.incarnation, a.seq) <= tomb[0]:
+            return Merge.FORGOTTEN
+        if len(self._adverts) >= self.max_nodes:
+            # Full: an origin nobody in our island can reach makes room, or a peer that
+            # filled the table with unreachable inventions would keep real nodes out.
+            victim = self._unreachable_victim()
+            if victim is None:
+                return Merge.FULL
+        if verify is not None and not verify(a):
+            return Merge.UNVERIFIED
         if victim is not None:
             self._evict(victim)
-        self._store(a, old)
+        self._store(a, None)
         return Merge.NEW
 
     def _unreachable_victim(self) -> str | None:
@@ -219,33 +229,41 @@ class AdvertTable:
         old = self._adverts.pop(origin)
         self.hash ^= entry_hash(old)
         self._unreachable_since.pop(origin, None)
-        self._changed.add(origin)
+        self._offers_changed.add(origin)
         self.evicted += 1
 
     def put(self, a: Advert) -> None:
         """Store `a` whatever is held: the owner's own new advert."""
         self._store(a, self._adverts.get(a.origin))
 
-    def take_changed(self) -> set[str]:
-        """The origins stored or dropped since the last call (and forget them)."""
-        changed, self._changed = self._changed, set()
+    def take_offers_changed(self) -> set[str]:
+        """The origins whose offer may have changed since the last call (and forget them)."""
+        changed, self._offers_changed = self._offers_changed, set()
         return changed
 
     def _store(self, a: Advert, old: Advert | None) -> None:
-        self._adverts[a.origin] = a
-        self._changed.add(a.origin)
+        origin = a.origin
+        self._adverts[origin] = a
+        if old is None or (a.flex is not old.flex and a.flex != old.flex):
+            self._offers_changed.add(origin)
         if old is None:
-            self._tombstones.pop(a.origin, None)
-            self.hash ^= entry_hash(a)
+            self._tombstones.pop(origin, None)
+            self.hash ^= _version_hash(origin, a.incarnation, a.seq)
             if a.links:
                 self._island_dirty = True
             return
-        self.hash ^= entry_hash(old) ^ entry_hash(a)
+        self.hash ^= _version_hash(origin, old.incarnation, old.seq) ^ _version_hash(
+            origin, a.incarnation, a.seq)
         if old.links != a.links:
             self._island_dirty = True
-        elif not self._island_dirty and a.origin in self._island:
-            self._units_production += exact_units(a.production) - exact_units(old.production)
-            self._units_consumption += exact_units(a.consumption) - exact_units(old.consumption)
+        elif not self._island_dirty and origin in self._island:
+            # Most new versions move one value (or only an offer or activation): skip the rest.
+            if a.production != old.production:
+                self._units_production += (exact_units(a.production)
+                                           - exact_units(old.production))
+            if a.consumption != old.consumption:
+                self._units_consumption += (exact_units(a.consumption)
+                                            - exact_units(old.consumption))
 
     def retract(self, origin: str, now: float) -> None:
         """Drop an origin's advert and keep a tombstone at the maximum version, which stops
@@ -255,7 +273,7 @@ class AdvertTable:
         if old is not None:
             self.hash ^= entry_hash(old)
             self._unreachable_since.pop(origin, None)
-            self._changed.add(origin)
+            self._offers_changed.add(origin)
             self._island_dirty = True
         self._tombstones[origin] = ((MAX_COUNTER, MAX_COUNTER), now)
 
@@ -267,7 +285,7 @@ class AdvertTable:
             return
         self.hash ^= entry_hash(old)
         self._unreachable_since.pop(origin, None)
-        self._changed.add(origin)
+        self._offers_changed.add(origin)
         self._island_dirty = True
 
     def forget(self, now: float, forget_after_s: float) -> list[str]:
@@ -292,7 +310,7 @@ class AdvertTable:
             if origin not in island and since.setdefault(origin, now) <= limit:
                 del self._adverts[origin]
                 del since[origin]
-                self._changed.add(origin)
+                self._offers_changed.add(origin)
                 self.hash ^= entry_hash(old)
                 self._tombstones[origin] = ((old.incarnation, old.seq), now)
                 dropped.append(origin)

@@ -78,7 +78,7 @@ from typing import Any
 
 from zgrid.devices import Battery, CurtailablePV, Device, DispatchablePlant
 from zgrid.sim import profiles
-from zgrid.sim.engine import Simulator
+from zgrid.sim.engine import Simulator, cyclic_gc_off
 from zgrid.sim.errors import SimError
 from zgrid.sim.faults import Fault, parse_fault, schedule_faults
 from zgrid.sim.measurement import Observer, percentile
@@ -479,6 +479,11 @@ class DayResult:
 
 def run_day(sc: DayScenario, progress: Callable[[int], None] | None = None) -> DayResult:
     """Build the grid, run the day step by step, and report (module docstring)."""
+    with cyclic_gc_off():
+        return _run_day(sc, progress)
+
+
+def _run_day(sc: DayScenario, progress: Callable[[int], None] | None) -> DayResult:
     wall_started = time.perf_counter()
     rng = random.Random(sc.seed)
     names, edges = build_graph(sc.topology, sc.nodes, sc.degree, sc.seed, sc.edges_file)

@@ -25,7 +25,6 @@ What it must never do
 from __future__ import annotations
 
 import csv
-import gc
 import math
 import random
 import resource
@@ -38,7 +37,7 @@ from typing import Any
 import networkx as nx
 
 from zgrid import wire
-from zgrid.sim.engine import Simulator
+from zgrid.sim.engine import Simulator, cyclic_gc_off
 from zgrid.sim.errors import SimError
 from zgrid.sim.faults import Fault, parse_fault, schedule_faults
 from zgrid.sim.measurement import Agreement, Convergence, percentile
@@ -368,17 +367,9 @@ def run_scenario(sc: Scenario, progress: Callable[[float, float], None] | None =
 
     progress(now, now) is called every few thousand events with the virtual time.
     """
-    # Millions of long-lived adverts: with the cyclic GC on, every full pass walks all of them
-    # and a 10,000-node run is 4x slower. The simulation creates no garbage cycles worth
-    # collecting mid-run; the collector is back on (and runs) when the scenario ends.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with cyclic_gc_off():
         wall_start = time.perf_counter()  # wall clock: measurement only
         run = build(sc, progress)
         agreement = settle(run, schedule(run))
         wall_s = time.perf_counter() - wall_start
         return report(run, agreement, wall_s)
-    finally:
-        if enabled:
-            gc.enable()
