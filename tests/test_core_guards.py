@@ -382,3 +382,26 @@ def test_a_link_by_either_operator_undoes_an_unlink() -> None:
     assert c.persisted_state().unlinked == ("b@tcp://b:7000",)
     reply_to(c, LinkRequest("tcp://b:7000"), 0.5)
     assert c.persisted_state().unlinked == ()
+
+
+def test_a_link_request_survives_a_crash_before_the_other_side_answers() -> None:
+    # b's operator unlinked a; a's operator links b again while b cannot hear it.
+    b = core("b", nonce=7)
+    reply_to(b, LinkRequest("a@tcp://a:7000"), 0.0)
+    reply_to(b, UnlinkRequest("a"), 0.1)
+    a = core()
+    effects = a.handle(CLIENT, LinkRequest("b@tcp://b:7000"), 0.2)
+    (saved,) = [e.state for e in effects if isinstance(e, Persist)]
+    assert saved.linking == ("b@tcp://b:7000",), "the acknowledged request is persisted"
+    # a crashes before b answers, and comes back from what it saved.
+    restarted = Core(Config("a", "tcp://a:7000", 2), saved)
+    hello = hello_sent(restarted.start(1.0), "tcp://b:7000")
+    assert hello.linking, "the restored request still undoes b's unlink"
+    answer = b.handle(PEER, hello, 1.1)
+    assert not sent(answer, Bye), "b links again instead of answering bye unlinked"
+    assert "tcp://a:7000" in b.siblings
+    # Answered: the request is done, and saved as done.
+    effects = deliver(restarted, ack_of(hello, "b", 7, "tcp://b:7000"), 1.2)
+    sib = restarted.sibling("b")
+    assert sib is not None and sib.up
+    assert [e.state.linking for e in effects if isinstance(e, Persist)] == [()]

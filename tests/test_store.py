@@ -517,7 +517,7 @@ def test_a_version_1_store_is_upgraded_in_place_and_keeps_its_state(data_dir: Pa
         s.save(_state(unlinked=("n4@tcp://127.0.0.1:5004",)))
     db = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         db.close()
     with Store.open(data_dir, "n1") as s:
@@ -613,7 +613,7 @@ def test_a_version_3_store_is_upgraded_in_place_and_has_no_device_until_saved(
         s.save(_state(), device=BATTERY_RECORD)
     db = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         db.close()
     with Store.open(data_dir, "n1") as s:
@@ -660,3 +660,75 @@ def test_a_device_save_that_finds_the_disk_full_keeps_the_last_record(tmp_path: 
         with pytest.raises(StorageFailure, match="disk full"):
             s.save(_state(), device={**BATTERY_RECORD, "state": {"soc_kwh": 0.0}})
         assert s.load_device() == BATTERY_RECORD
+
+
+# ---------------------------------------------------------------------- pending link requests
+
+
+def _write_version_4_store(data_dir: Path, state: PersistedState) -> None:
+    """A data dir as zgrid wrote it before schema version 5 (no `linking` column)."""
+    _write_version_1_store(data_dir, state)
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
+        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
+                   "'[0.0,0.0,0.0,0.0]'")
+        db.execute("ALTER TABLE state ADD COLUMN device TEXT")
+        db.execute("UPDATE state SET unlinked = ?, device = ?",
+                   (json.dumps(list(state.unlinked)), json.dumps(BATTERY_RECORD)))
+        db.execute("PRAGMA user_version = 4")
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_pending_link_requests_round_trip(data_dir: Path) -> None:
+    state = _state(linking=("n2@tcp://127.0.0.1:5002",))
+    with Store.open(data_dir, "n1") as s:
+        s.save(state)
+        assert s.load() == state
+        s.save(_state())  # answered: none pending
+        assert s.load() == _state()
+        s.save(state)
+    with Store.open(data_dir, "n1") as s:
+        assert s.load() == state
+
+
+def test_a_version_4_store_is_upgraded_in_place_with_no_link_request_pending(
+        data_dir: Path) -> None:
+    old = _state(unlinked=("n4@tcp://127.0.0.1:5004",))
+    _write_version_4_store(data_dir, old)
+    with Store.open(data_dir, "n1") as s:
+        upgraded = s.load()
+        assert upgraded == old and upgraded is not None and upgraded.linking == ()
+        assert s.load_device() == BATTERY_RECORD
+        s.save(replace(old, linking=("tcp://127.0.0.1:5003",)))
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    finally:
+        db.close()
+    with Store.open(data_dir, "n1") as s:
+        loaded = s.load()
+        assert s.load_device() == BATTERY_RECORD
+    assert loaded == replace(old, linking=("tcp://127.0.0.1:5003",))
+
+
+@pytest.mark.parametrize("value", ["'not json'", "'[1]'", "'{}'"])
+def test_bad_linking_values_in_the_database_are_refused_on_load(data_dir: Path,
+                                                                value: str) -> None:
+    with Store.open(data_dir, "n1") as s:
+        s.save(_state())
+    db = sqlite3.connect(data_dir / DB_FILE_NAME)
+    db.execute(f"UPDATE state SET linking = {value}")
+    db.commit()
+    db.close()
+    with Store.open(data_dir, "n1") as s, pytest.raises(StoreError, match="corrupt"):
+        s.load()
+
+
+def test_pending_link_requests_that_are_not_strings_are_refused_on_save(store: Store) -> None:
+    store.save(_state())
+    with pytest.raises(StoreError, match="linking must be strings"):
+        store.save(_state(linking=(5,)))
+    assert store.load() == _state()

@@ -518,9 +518,12 @@ class Core:
         self._seal = None if trust is None else trust.seal
         self.siblings: dict[str, Sibling] = {}  # by endpoint
         self._by_id: dict[str, Sibling] = {}
+        linking = frozenset(restored.linking) if restored else frozenset()
         for address in restored.siblings if restored else ():
             expected, endpoint = parse_sibling_address(address)
-            self.siblings[endpoint] = Sibling(endpoint, expected)
+            # A link request acknowledged before a crash is still one: the other side may
+            # remember an unlink that only a `linking` HELLO undoes.
+            self.siblings[endpoint] = Sibling(endpoint, expected, linking=address in linking)
         self.table = AdvertTable(self.id, config.max_nodes)
         self.counters: dict[str, int] = {
             "messages_received": 0, "bad_frames": 0, "ignored": 0, "adverts_received": 0,
@@ -605,10 +608,10 @@ class Core:
 
     def persisted_state(self) -> PersistedState:
         # An unproved sibling is a stranger's claim: kept in memory, for a while, and no more.
+        kept = [sib for sib in self.siblings.values() if sib.unproved_since is None]
         return PersistedState(self.id, self.incarnation, self.production, self.consumption,
-                              tuple(sib.address for sib in self.siblings.values()
-                                    if sib.unproved_since is None), self._gate.addresses,
-                              self.flex)
+                              tuple(sib.address for sib in kept), self._gate.addresses,
+                              self.flex, tuple(sib.address for sib in kept if sib.linking))
 
     def membership_changed(self, trust: Trust, now: float) -> list[Effect]:
         """The keys directory was reloaded: drop links to members whose keys are gone (and
@@ -940,7 +943,7 @@ class Core:
             sib.id = msg.sender
             self._by_id[msg.sender] = sib
         sib.nonce = msg.nonce
-        sib.linking = False
+        was_linking, sib.linking = sib.linking, False
         if restarted:
             sib.outbox.clear()  # queued for its past life; the digest says what it lacks now
         self._transition(sib, LinkState.UP, now)
@@ -954,7 +957,9 @@ class Core:
         if answer is not None:
             out.append(Send(sib.endpoint, self._hello(True, *answer)))
         out.extend(self._on_digest(msg.digest, False, sib))
-        if id_learned or proved or forgotten:
+        # A link request answered is saved as done, so that a restart does not undo an unlink
+        # the other side's operator makes after it.
+        if id_learned or proved or forgotten or was_linking:
             out.append(Persist(self.persisted_state()))
         if not was_up:
             out.append(Log(LogLevel.INFO, f"link to {sib.id} is up"))

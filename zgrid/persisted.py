@@ -25,3 +25,7 @@ class PersistedState:
     # HELLOs are answered with `bye unlinked` until the operator links them again.
     unlinked: tuple[str, ...] = ()
     flex: Flex = NO_FLEX  # the node's plain offer (Phase II), set by flags or `flex` requests
+    # Siblings of `siblings` (as addressed there) an operator's `link` asked for that have not
+    # said HELLO back yet. Their HELLOs say `linking` after a restart too: that is what undoes
+    # an unlink the other side remembers, so without it an acknowledged link is refused.
+    linking: tuple[str, ...] = ()

@@ -1,11 +1,12 @@
 """A node's own durable state in its data directory (stdlib sqlite3, WAL, synchronous=FULL).
 
 What it is for: the runtime saves the core's `PersistedState` (id, incarnation, production,
-consumption, siblings, the siblings it unlinked) and acknowledges a `set`/`link`/`unlink`
-only after `Store.save` has returned, so nothing acknowledged is ever lost; after a restart
-`Store.load` gives the node back its last state. With it, in the same row and transaction,
-the runtime saves the state of its device model (`zgrid.devices.device_record`, a JSON
-object the store does not interpret; `Store.load_device` reads it back).
+consumption, siblings, the siblings it unlinked, the link requests not answered yet) and
+acknowledges a `set`/`link`/`unlink` only after `Store.save` has returned, so nothing
+acknowledged is ever lost; after a restart `Store.load` gives the node back its last state.
+With it, in the same row and transaction, the runtime saves the state of its device model
+(`zgrid.devices.device_record`, a JSON object the store does not interpret;
+`Store.load_device` reads it back).
 
 Guarantees:
 - Durability: one SQLite transaction per save, in WAL mode with synchronous=FULL, so the WAL is
@@ -47,10 +48,10 @@ from zgrid.errors import StorageFailure, StoreError
 from zgrid.persisted import PersistedState
 from zgrid.wire import Flex, check_node_id
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Versions this zgrid upgrades in place when it opens them (1: no `unlinked` column, 2: no
-# `flex` column, 3: no `device` column).
-UPGRADABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3})
+# `flex` column, 3: no `device` column, 4: no `linking` column).
+UPGRADABLE_SCHEMA_VERSIONS = frozenset({1, 2, 3, 4})
 _NO_FLEX_JSON = "[0.0,0.0,0.0,0.0]"
 # PRAGMA application_id marks the file as ours, so a foreign SQLite file is refused, not reused.
 APPLICATION_ID = 0x7A677264  # b"zgrd"
@@ -136,8 +137,8 @@ class Store:
         db = self._connection()
         try:
             row = db.execute(
-                "SELECT incarnation, production, consumption, siblings, unlinked, flex FROM state"
-                " WHERE id = ?", (_STATE_ROW_ID,)).fetchone()
+                "SELECT incarnation, production, consumption, siblings, unlinked, flex, linking"
+                " FROM state WHERE id = ?", (_STATE_ROW_ID,)).fetchone()
         except sqlite3.Error as e:
             raise _open_failure(self.data_dir, e, "read") from e
         if row is None:
@@ -180,6 +181,7 @@ class Store:
         db = self._connection()
         siblings = json.dumps(list(state.siblings), separators=(",", ":"))
         unlinked = json.dumps(list(state.unlinked), separators=(",", ":"))
+        linking = json.dumps(list(state.linking), separators=(",", ":"))
         f = state.flex
         flex = json.dumps([f.flex_up_kw, f.price_up, f.flex_down_kw, f.price_down],
                           separators=(",", ":"))
@@ -189,10 +191,10 @@ class Store:
             # The subquery reads the row before it is replaced: no device keeps the saved one.
             db.execute(
                 "INSERT OR REPLACE INTO state (id, incarnation, production, consumption, siblings,"
-                " unlinked, flex, device) VALUES (?, ?, ?, ?, ?, ?, ?,"
+                " unlinked, flex, linking, device) VALUES (?, ?, ?, ?, ?, ?, ?, ?,"
                 " COALESCE(?, (SELECT device FROM state WHERE id = ?)))",
                 (_STATE_ROW_ID, state.incarnation, state.production, state.consumption,
-                 siblings, unlinked, flex, device_json, _STATE_ROW_ID))
+                 siblings, unlinked, flex, linking, device_json, _STATE_ROW_ID))
             if self._fail_saves_while is not None and self._fail_saves_while.exists():
                 raise _simulated_full_disk()
             db.execute("COMMIT")  # synchronous=FULL: the WAL is fsynced before this returns
@@ -222,13 +224,15 @@ class Store:
             raise self._corrupt(f"flex {e}") from None
 
     def _decode_row(self, row: tuple[Any, ...]) -> PersistedState:
-        incarnation, production, consumption, siblings_json, unlinked_json, flex_json = row
+        (incarnation, production, consumption, siblings_json, unlinked_json, flex_json,
+         linking_json) = row
         siblings = self._decode_addresses("siblings", siblings_json)
         unlinked = self._decode_addresses("unlinked", unlinked_json)
+        linking = self._decode_addresses("linking", linking_json)
         state = PersistedState(
             node_id=self.node_id, incarnation=incarnation, production=production,
             consumption=consumption, siblings=siblings, unlinked=unlinked,
-            flex=self._decode_flex(flex_json))
+            flex=self._decode_flex(flex_json), linking=linking)
         try:
             _check_state(state)
         except StoreError as e:
@@ -376,6 +380,8 @@ def _check_state(state: PersistedState) -> None:
         raise StoreError(f"siblings must be strings, got {state.siblings!r}")
     if not all(isinstance(s, str) for s in state.unlinked):
         raise StoreError(f"unlinked must be strings, got {state.unlinked!r}")
+    if not all(isinstance(s, str) for s in state.linking):
+        raise StoreError(f"linking must be strings, got {state.linking!r}")
 
 
 def _make_data_dir(data_dir: Path) -> None:
@@ -523,14 +529,17 @@ def _schema_transaction(db: sqlite3.Connection, data_dir: Path, doing: str) -> I
 
 def _upgrade(db: sqlite3.Connection, data_dir: Path, version: int) -> None:
     """Add what older versions lack: `unlinked` (version 1), `flex` (versions 1 and 2),
-    `device` (versions 1 to 3), with the values that mean "none"."""
+    `device` (versions 1 to 3), `linking` (versions 1 to 4), with the values that mean
+    "none"."""
     with _schema_transaction(db, data_dir, "upgrade"):
         if version < 2:
             db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
         if version < 3:
             db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
                        f"'{_NO_FLEX_JSON}'")
-        db.execute("ALTER TABLE state ADD COLUMN device TEXT")  # NULL: no device saved
+        if version < 4:
+            db.execute("ALTER TABLE state ADD COLUMN device TEXT")  # NULL: no device saved
+        db.execute("ALTER TABLE state ADD COLUMN linking TEXT NOT NULL DEFAULT '[]'")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -544,6 +553,7 @@ def _create_schema(db: sqlite3.Connection, data_dir: Path, node_id: str) -> None
             " incarnation INTEGER NOT NULL, production REAL NOT NULL,"
             " consumption REAL NOT NULL, siblings TEXT NOT NULL,"
             " unlinked TEXT NOT NULL DEFAULT '[]',"
-            f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}', device TEXT)")
+            f" flex TEXT NOT NULL DEFAULT '{_NO_FLEX_JSON}', device TEXT,"
+            " linking TEXT NOT NULL DEFAULT '[]')")
         db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
