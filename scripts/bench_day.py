@@ -18,10 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
+import os
+import pickle
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from mypyc_build import source_hash  # scripts/, run by path: sys.path[0]
 
 from zgrid.sim.day import DayResult, DayScenario, Group, load_day, run_day
 from zgrid.sim.plots import plot_day
@@ -51,27 +57,73 @@ def scaled(sc: DayScenario, factor: int, hours: float) -> DayScenario:
                                name=f"{sc.name}-x{factor}")
 
 
-def run(sc: DayScenario) -> DayResult:
-    """In a fresh process, so that one run's caches and memory do not flatter the next."""
-    print(f"... {sc.name}: {sc.nodes} nodes, {sc.duration_h:g} h at {sc.step_s} s steps",
+def run(sc: DayScenario, compiled: Path | None = None) -> DayResult:
+    """In a fresh process, so that one run's caches and memory do not flatter the next; with
+    `compiled`, that process imports zgrid from the mypyc-compiled tree there."""
+    how = "compiled with mypyc" if compiled else "interpreted"
+    print(f"... {sc.name}: {sc.nodes} nodes, {sc.duration_h:g} h at {sc.step_s} s steps, {how}",
           file=sys.stderr, flush=True)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        pending = pool.apply_async(run_day, (sc,))
+    env = dict(os.environ)
+    if compiled is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(compiled.resolve()),
+                                                        env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        job, answer = Path(tmp) / "scenario.pickle", Path(tmp) / "result.json"
+        job.write_bytes(pickle.dumps(sc))
+        # The script by its path: sys.path[0] is scripts/, so the checkout's own zgrid/ does
+        # not come before the compiled tree on PYTHONPATH.
+        worker = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                   str(job), str(answer), *(["--expect-compiled"] if compiled
+                                                            else [])], env=env)
         # A day takes minutes: on a terminal, a spinner and the time it has taken so far.
-        with stderr_progress(f"{sc.name}: running") as move:
-            while not pending.ready():
-                pending.wait(PROGRESS_TICK_S)
+        with stderr_progress(f"{sc.name} ({how}): running") as move:
+            while worker.poll() is None:
+                time.sleep(PROGRESS_TICK_S)
                 move(0)
-        result: DayResult = pending.get()
+        if worker.returncode != 0:
+            raise SystemExit(f"error: the {how} run failed (exit {worker.returncode})")
+        done = json.loads(answer.read_text())
+    result = DayResult(sc, done["summary"], done["series"])
     print(f"    wall {result.summary['wall_s']} s", file=sys.stderr, flush=True)
     return result
+
+
+def work(job: Path, answer: Path, expect_compiled: bool) -> int:
+    """The worker process: run one day and write its summary and series as JSON."""
+    import zgrid.core
+
+    compiled = not zgrid.core.__file__.endswith(".py")
+    if compiled != expect_compiled:
+        print(f"error: zgrid.core comes from {zgrid.core.__file__}", file=sys.stderr)
+        return 2
+    if compiled:
+        tree = Path(zgrid.core.__file__).resolve().parent.parent
+        if (tree / "SOURCE_HASH").read_text().strip() != source_hash():
+            print(f"error: {tree} was compiled from other sources than the checkout's: "
+                  "rebuild it (make bench-sim does)", file=sys.stderr)
+            return 2
+    result = run_day(pickle.loads(job.read_bytes()))
+    summary = dict(result.summary, core_module="compiled" if compiled else "interpreted")
+    answer.write_text(json.dumps({"summary": summary, "series": result.series}))
+    return 0
+
+
+def same_day(a: DayResult, b: DayResult) -> list[str]:
+    """The figures in which two runs of one scenario differ (wall times aside)."""
+    timing = {"wall_s", "loop_wall_s", "core_module"}
+    keys = (set(a.summary) | set(b.summary)) - timing
+    differ = [k for k in sorted(keys) if a.summary.get(k) != b.summary.get(k)]
+    differ += [f"series {k}" for k in sorted(set(a.series) | set(b.series))
+               if a.series.get(k) != b.series.get(k)]
+    return differ
 
 
 def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def report(village: dict[str, Any], big: dict[str, Any] | None) -> None:
+def report(village: dict[str, Any], compiled: dict[str, Any] | None,
+           big: dict[str, Any] | None) -> None:
     s = village
     rows = [
         ("nodes, steps", f"{s['nodes']}, {s['steps']} x {s['step_s']} s", ""),
@@ -87,8 +139,13 @@ def report(village: dict[str, Any], big: dict[str, Any] | None) -> None:
          f"{s['net_kw_p50']:.3f} / {s['net_kw_p99']:.3f} / {s['net_kw_max']:.3f} kW", ""),
         ("steps not agreed at their end", str(s["steps_not_agreed_at_end"]), ""),
         ("messages per simulated minute", f"{s['messages_per_simulated_minute']:.0f}", ""),
-        ("wall time", f"{s['wall_s']:.1f} s", f"< 300 s: {met(s['wall_s'] < TARGET_WALL_S)}"),
+        ("wall time, interpreted (CPython)", f"{s['wall_s']:.1f} s",
+         f"< 300 s: {met(s['wall_s'] < TARGET_WALL_S)}"),
     ]
+    if compiled is not None:
+        rows.append(("wall time, compiled with mypyc (same day, identical figures)",
+                     f"{compiled['wall_s']:.1f} s",
+                     f"< 300 s: {met(compiled['wall_s'] < TARGET_WALL_S)}"))
     if big is not None:
         rows.append((f"{big['nodes']} nodes, {big['steps']} steps: wall time",
                      f"{big['wall_s']:.1f} s ({big['messages_per_simulated_minute']:.0f} "
@@ -100,24 +157,38 @@ def report(village: dict[str, Any], big: dict[str, Any] | None) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--worker"]:
+        return work(Path(sys.argv[2]), Path(sys.argv[3]), "--expect-compiled" in sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--hours", type=float, default=24.0, help="village day length")
-    parser.add_argument("--big", action="store_true", help="also 10,000 nodes for a window")
+    parser.add_argument("--compiled", type=Path, metavar="DIR",
+                        help="also run the day on the mypyc-compiled tree in DIR (built by "
+                        "scripts/mypyc_build.py; make bench-sim does both) and check that both "
+                        "days are identical")
+    parser.add_argument("--big", action="store_true", help="also 10,000 nodes for a window "
+                        "(on the compiled tree if there is one)")
     parser.add_argument("--big-hours", type=float, default=0.1)
     parser.add_argument("--big-start-h", type=float, default=11.0,
                         help="the hour the 10,000-node window starts at (a busy daytime one)")
     args = parser.parse_args()
     sc = dataclasses.replace(load_day(str(VILLAGE)), duration_h=args.hours)
     village = run(sc)
-    big = run(dataclasses.replace(scaled(sc, 10, args.big_hours), start_h=args.big_start_h)
-              ).summary if args.big else None
+    fast = run(sc, args.compiled) if args.compiled else None
+    differ = same_day(village, fast) if fast else []
+    big = run(dataclasses.replace(scaled(sc, 10, args.big_hours), start_h=args.big_start_h),
+              args.compiled).summary if args.big else None
     OUT_DIR.mkdir(exist_ok=True)
     (OUT_DIR / "day.json").write_text(json.dumps(
-        {"village": village.summary, "village_series": village.series, "big": big}, indent=1)
-        + "\n")
+        {"village": village.summary, "village_series": village.series,
+         "village_compiled": fast.summary if fast else None,
+         "compiled_differs_in": differ, "big": big}, indent=1) + "\n")
     plot_day(village.series, village.summary, OUT_DIR / "day.png")
-    report(village.summary, big)
+    report(village.summary, fast.summary if fast else None, big)
     print(f"\nwrote {OUT_DIR / 'day.json'} and {OUT_DIR / 'day.png'}")
+    if differ:
+        print(f"error: the compiled day differs from the interpreted one in: {', '.join(differ)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write PNG files only
 import matplotlib.pyplot as plt
 
+import zgrid.core
 from zgrid.sim import DEFAULT_LATENCY_S, Scenario, run_scenario
 from zgrid.views import stderr_progress
 
@@ -112,6 +113,14 @@ def plot(sweep: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def machine() -> dict[str, str]:
+    """Where a run ran, and on which zgrid: the sources interpreted, or the tree compiled with
+    mypyc (`PYTHONPATH=build/mypyc`, as `make bench-sim-cold` runs it)."""
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor(),
+            "zgrid_core": "interpreted" if zgrid.core.__file__.endswith(".py") else "compiled"}
+
+
 def cold_10k(started: float) -> int:
     """The protocol's own cold start at 10,000 nodes: every node starts, every edge is a
     `link` request, and the run ends when every node holds every advert and every link."""
@@ -128,9 +137,7 @@ def cold_10k(started: float) -> int:
               "agreed": result["agreed"]}
     for key, value in checks.items():
         print(f"{key:<40} {value}")
-    payload = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
-                           "processor": platform.processor()},
-               "result": result, "checks": checks,
+    payload = {"machine": machine(), "result": result, "checks": checks,
                "bench_wall_s": round(time.perf_counter() - started, 1)}
     (OUT_DIR / "sim_cold_10k.json").write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {OUT_DIR / 'sim_cold_10k.json'}")
@@ -206,8 +213,7 @@ def main() -> int:
     for key, value in checks.items():
         print(f"{key:<40} {value}")
     plot(sweep, OUT_DIR / "sim_scaling.png")
-    payload = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
-                           "processor": platform.processor()},
+    payload = {"machine": machine(),
                "targets": targets, "sweep": sweep, "checks": checks,
                "bench_wall_s": round(time.perf_counter() - started, 1)}
     (OUT_DIR / "sim.json").write_text(json.dumps(payload, indent=2))
