@@ -74,6 +74,26 @@ def test_a_day_on_the_compiled_tree_is_the_interpreted_day(tree: Path, tmp_path:
     assert interpreted.summary["steps"] == 180 and interpreted.summary["messages"] > 0
 
 
+PICKLE_SCRIPT = """
+import pickle
+from zgrid.sim import Latency, LinkModel, Scenario
+import zgrid.sim.network
+sc = Scenario(nodes=10, latency=Latency.parse("uniform:40e-6:80e-6"))
+model = LinkModel(Latency.parse("lognormal:60e-6:0.5"), loss=0.1)
+assert pickle.loads(pickle.dumps(sc)) == sc and pickle.loads(pickle.dumps(model)) == model
+print(zgrid.sim.network.__file__)
+"""
+
+
+def test_a_scenario_pickles_to_a_worker_on_the_compiled_tree(tree: Path, tmp_path: Path) -> None:
+    script = tmp_path / "pickles.py"
+    script.write_text(PICKLE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(tree)),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.strip().endswith(".py"), done.stdout
+
+
 def test_the_build_refuses_to_write_over_the_checkout() -> None:
     done = subprocess.run([sys.executable, str(BUILD), str(ROOT)], capture_output=True,
                           text=True, timeout=60, check=False)

@@ -57,6 +57,11 @@ class Latency:
             return rng.uniform(self.a_s, self.b)
         return self.a_s * math.exp(rng.gauss(0.0, self.b))
 
+    def __reduce__(self) -> tuple[type[Latency], tuple[str, float, float]]:
+        # By the constructor: compiled with mypyc (scripts/mypyc_build.py), a frozen class
+        # cannot be unpickled field by field, and scenarios go to worker processes.
+        return Latency, (self.kind, self.a_s, self.b)
+
     @classmethod
     def parse(cls, text: str) -> Latency:
         """`60e-6`, `constant:60e-6`, `uniform:40e-6:80e-6` or `lognormal:60e-6:0.5`."""
@@ -96,6 +101,9 @@ class LinkModel:
     # Messages on one link arrive in order (ZeroMQ over TCP is FIFO per connection) unless this
     # probability lets one take its own sampled latency and overtake earlier ones.
     reorder: float = 0.0
+
+    def __reduce__(self) -> tuple[type[LinkModel], tuple[Latency, float, float, float]]:
+        return LinkModel, (self.latency, self.loss, self.duplicate, self.reorder)  # as Latency
 
 
 @dataclass(slots=True)
