@@ -576,18 +576,29 @@ BATTERY_RECORD = {"kind": "battery", "parameters": {"capacity_kwh": 10.0, "power
                   "state": {"soc_kwh": 1 / 3, "charged_kwh": 5e-324, "losses_kwh": 0.0}}
 
 
-def _write_version_3_store(data_dir: Path, state: PersistedState) -> None:
-    """A data dir as zgrid wrote it before schema version 4 (no `device` column)."""
+def _write_later_store(data_dir: Path, state: PersistedState, version: int,
+                       columns: tuple[str, ...], fill: str = "", values: tuple[str, ...] = ()
+                       ) -> None:
+    """A data dir as zgrid wrote it at schema `version`: version 1's, plus the `columns` the
+    versions after it added, then `fill` (an UPDATE) with `values`."""
     _write_version_1_store(data_dir, state)
     db = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
-        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
-                   "'[5.0,0.125,2.5,-0.1]'")
-        db.execute("PRAGMA user_version = 3")
+        for column in columns:
+            db.execute(f"ALTER TABLE state ADD COLUMN {column}")
+        if fill:
+            db.execute(fill, values)
+        db.execute(f"PRAGMA user_version = {version}")
         db.commit()
     finally:
         db.close()
+
+
+def _write_version_3_store(data_dir: Path, state: PersistedState) -> None:
+    """A data dir as zgrid wrote it before schema version 4 (no `device` column)."""
+    _write_later_store(data_dir, state, 3, (
+        "unlinked TEXT NOT NULL DEFAULT '[]'",
+        "flex TEXT NOT NULL DEFAULT '[5.0,0.125,2.5,-0.1]'"))
 
 
 def test_a_device_record_round_trips_exactly_with_the_state(data_dir: Path) -> None:
@@ -667,19 +678,11 @@ def test_a_device_save_that_finds_the_disk_full_keeps_the_last_record(tmp_path: 
 
 def _write_version_4_store(data_dir: Path, state: PersistedState) -> None:
     """A data dir as zgrid wrote it before schema version 5 (no `linking` column)."""
-    _write_version_1_store(data_dir, state)
-    db = sqlite3.connect(data_dir / DB_FILE_NAME)
-    try:
-        db.execute("ALTER TABLE state ADD COLUMN unlinked TEXT NOT NULL DEFAULT '[]'")
-        db.execute("ALTER TABLE state ADD COLUMN flex TEXT NOT NULL DEFAULT "
-                   "'[0.0,0.0,0.0,0.0]'")
-        db.execute("ALTER TABLE state ADD COLUMN device TEXT")
-        db.execute("UPDATE state SET unlinked = ?, device = ?",
-                   (json.dumps(list(state.unlinked)), json.dumps(BATTERY_RECORD)))
-        db.execute("PRAGMA user_version = 4")
-        db.commit()
-    finally:
-        db.close()
+    _write_later_store(data_dir, state, 4, (
+        "unlinked TEXT NOT NULL DEFAULT '[]'",
+        "flex TEXT NOT NULL DEFAULT '[0.0,0.0,0.0,0.0]'",
+        "device TEXT"), "UPDATE state SET unlinked = ?, device = ?",
+        (json.dumps(list(state.unlinked)), json.dumps(BATTERY_RECORD)))
 
 
 def test_pending_link_requests_round_trip(data_dir: Path) -> None:
