@@ -42,16 +42,6 @@ COMPILED = (
     "zgrid/sim/engine.py",
 )
 
-MYPY_CONFIG = """\
-[mypy]
-strict = True
-python_version = 3.11
-
-[mypy-msgpack.*,msgpack,networkx.*,networkx,matplotlib.*,matplotlib]
-ignore_missing_imports = True
-"""
-
-
 def source_hash() -> str:
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -69,10 +59,11 @@ def build(out: Path) -> None:
     out.mkdir(parents=True)
     shutil.copytree(PACKAGE, out / "zgrid",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
-    (out / "mypy.ini").write_text(MYPY_CONFIG)
     # mypyc builds with setuptools in the current directory: the copy's, where no
-    # pyproject.toml is (the project's own is for hatchling, not for this build).
-    command = [sys.executable, "-m", "mypyc", "--config-file", "mypy.ini", *COMPILED]
+    # pyproject.toml is (the project's own is for hatchling, not for this build); it checks
+    # types with the project's own mypy settings, the ones `make lint` uses.
+    command = [sys.executable, "-m", "mypyc", "--config-file", str(ROOT / "pyproject.toml"),
+               *COMPILED]
     done = subprocess.run(command, cwd=out, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
