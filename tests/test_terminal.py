@@ -375,7 +375,9 @@ def test_top_on_a_terminal_shows_the_island_follows_a_set_and_exits_0_on_ctrl_c(
     n1, n2, n3 = grid.line(("n1", 50, 0), ("n2", 0, 20), ("n3", 4, 1.5))
     grid.wait_island([n1, n2, n3])
     top = start_ctl(n1, "top", "--interval", "0.5")
-    screen = top.out.until(lambda t: "+32.500 kW" in t and "3 known nodes" in t, "top's screen")
+    # A frame reaches the pty in pieces: wait for its last row, not only for its header.
+    screen = top.out.until(lambda t: "+32.500 kW" in t and "3 known nodes" in t
+                           and "│ n3 │" in t.split("3 known nodes")[-1], "top's screen")
     assert "\x1b[?1049h" in top.out.text  # the alternate screen, as htop's
     for node_id in ("n1", "n2", "n3"):
         assert re.search(rf"│ {node_id} │", screen), screen
