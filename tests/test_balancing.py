@@ -18,7 +18,7 @@ from zgrid.clearing import Clearing, Offer, clear
 from zgrid.core import Core
 from zgrid.sim import Simulator, converged_sim
 from zgrid.table import AdvertTable
-from zgrid.wire import Flex, FlexRequest, SetRequest
+from zgrid.wire import Advert, Flex, FlexRequest, SetRequest
 
 from conftest import BIN, Grid, NodeProc, ctl, wait_until
 
@@ -140,6 +140,28 @@ def test_the_kept_offer_book_clears_as_the_table_read_afresh_through_changes_and
             expected = fresh_clearing(core, sim.now)
             assert core.clearing(sim.now) == expected, (step, core.id)
             assert core.activation_kw == expected.activation_kw(core.id), (step, core.id)
+
+
+def test_the_table_tells_the_book_of_offers_that_moved_and_of_nothing_else() -> None:
+    """A cold start stores every advert once: recording each new origin without an offer held
+    one set entry per advert until a clearing read them (a third of a cold start's memory)."""
+    def version(origin: str, seq: int, offer: Flex | None = None) -> Advert:
+        return Advert(origin, 1, seq, 1.0, 0.0, (), f"tcp://{origin}:7000", 1, flex=offer)
+
+    table = AdvertTable("a", max_nodes=10)
+    table.merge(version("b", 1))
+    table.merge(version("c", 1, Flex(1.0, 0.2)))
+    assert table.take_offers_changed() == {"c"}
+    table.merge(version("b", 2))
+    table.merge(version("c", 2, Flex(1.0, 0.2)))
+    assert table.take_offers_changed() == set(), "values moved, offers did not"
+    table.merge(version("b", 3, Flex(0.5, 0.1)))
+    table.discard("c")
+    assert table.take_offers_changed() == {"b", "c"}
+    # Dropped and learned again without an offer: the drop was recorded, so the book forgets it.
+    table.discard("b")
+    table.merge(version("b", 4))
+    assert table.take_offers_changed() == {"b"}
 
 
 def test_a_nodes_offer_is_kept_across_a_restart() -> None:

@@ -369,7 +369,10 @@ class Sibling:
     # The routing envelope its HELLO of this life came with at our ROUTER (see `Route`): ()
     # until one brings the link UP. What our DEALER cannot take goes back over it.
     route: ClientId = ()
-    introduced: set[str] = field(default_factory=set)  # new origins it gave us, maybe unreachable
+    # The new origins it gave us, maybe unreachable (see `Core._may_introduce`). A list: an
+    # origin is new only once while it is held, and 8 bytes an entry instead of a set's ~40
+    # matters, since until the cap is reached it holds its share of every advert we hold.
+    introduced: list[str] = field(default_factory=list)
     introduced_counted_at: float = -math.inf
     digest_sent_at: float = -math.inf  # at most one digest each way per ping interval
     digest_handled_at: float = -math.inf
@@ -1069,7 +1072,7 @@ class Core:
                 for outbox in forward:
                     outbox[origin] = a
                 if new_origin:
-                    sib.introduced.add(origin)
+                    sib.introduced.append(origin)
                 known = by_id.get(origin)
                 if known is not None and known.state is LinkState.UP and (
                         (a.nonce == known.nonce) != (origin in self.own_advert.links)):
@@ -1105,7 +1108,9 @@ class Core:
         if now - sib.introduced_counted_at >= INTRODUCED_RECOUNT_INTERVAL_S:
             sib.introduced_counted_at = now
             table, island = self.table, self.table.island(now)
-            sib.introduced = {o for o in sib.introduced if o in table and o not in island}
+            # dict.fromkeys: an origin forgotten and introduced again is counted once.
+            sib.introduced = list(dict.fromkeys(
+                o for o in sib.introduced if o in table and o not in island))
             if len(sib.introduced) < cap:
                 return True
         self.counters["origins_refused"] += 1

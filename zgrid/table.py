@@ -96,8 +96,9 @@ class AdvertTable:
         self._unreachable_since: dict[str, float] = {}
         self._tombstones: dict[str, tuple[tuple[int, int], float]] = {}  # version, forgotten at
         # Origins whose offer may differ since `take_offers_changed` was last called (stored
-        # for the first time, stored with another offer, or dropped): what the core's offer
-        # book must read again. Most new versions move values only, and are not in it.
+        # for the first time with an offer, stored with another offer, or dropped): what the
+        # core's offer book must read again. Most new versions move values only, and are not
+        # in it.
         # Bounded by the origins held.
         self._offers_changed: set[str] = set()
 
@@ -244,14 +245,19 @@ class AdvertTable:
     def _store(self, a: Advert, old: Advert | None) -> None:
         origin = a.origin
         self._adverts[origin] = a
-        if old is None or (a.flex is not old.flex and a.flex != old.flex):
-            self._offers_changed.add(origin)
         if old is None:
+            # A new origin without an offer changes no book: the book holds nothing of it,
+            # since its last removal was recorded here until the book read it. (Recording
+            # every new origin cost one set entry per advert held during a cold start.)
+            if a.flex is not None:
+                self._offers_changed.add(origin)
             self._tombstones.pop(origin, None)
             self.hash ^= _version_hash(origin, a.incarnation, a.seq)
             if a.links:
                 self._island_dirty = True
             return
+        if a.flex is not old.flex and a.flex != old.flex:
+            self._offers_changed.add(origin)
         self.hash ^= _version_hash(origin, old.incarnation, old.seq) ^ _version_hash(
             origin, a.incarnation, a.seq)
         if old.links != a.links:
