@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -94,6 +95,16 @@ def test_what_is_signed_is_every_field_but_the_signature_in_a_fixed_encoding() -
     assert replace(ADVERT, production=12).signed_bytes() == replace(
         ADVERT, production=12.0).signed_bytes(), "power is always float64"
     assert replace(ADVERT, signature=b"x" * 64).signed_bytes() == data
+
+
+def test_the_version_hash_is_the_documented_blake2b_and_never_travels() -> None:
+    fresh = replace(ADVERT)
+    frame = encode(Adverts("n1", 7, (fresh,)))
+    assert fresh.version_hash() == int.from_bytes(
+        hashlib.blake2b(b"n1\x003\x0017", digest_size=8).digest(), "little")
+    assert encode(Adverts("n1", 7, (fresh,))) == frame, "the cached hash is not in the frame"
+    assert fresh == ADVERT and hash(fresh) == hash(ADVERT)
+    assert replace(fresh, seq=18).version_hash() != fresh.version_hash(), "a copy hashes anew"
 
 
 def test_integer_power_is_accepted_and_becomes_a_float() -> None:

@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
@@ -467,9 +467,16 @@ class LinkGate:
         self._endpoints = {e for i, e in self._unlinked.values() if i is None}
 
 
-def _chunks(items: tuple[Advert, ...], size: int) -> Iterator[tuple[Advert, ...]]:
-    for start in range(0, len(items), size):
-        yield tuple(items[start:start + size])
+def _chunks(items: tuple[Advert, ...], size: int) -> list[tuple[Advert, ...]]:
+    if len(items) <= size:
+        return [items]
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def _same_items(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
+    """Whether `a` and `b` hold the same objects in the same order. Not `==`: two outboxes
+    differ at some item, and Advert's field-by-field __eq__ there costs more than this walk."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 _CONTROL_REQUESTS = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
@@ -1044,8 +1051,10 @@ class Core:
         adverts = msg.adverts
         counters["adverts_received"] += len(adverts)
         bad_signatures = counters["bad_signatures"]
+        # `table.merge` is called as a method, not bound to a local: compiled (mypyc), a
+        # method call on a known class is a direct C call, a bound method a generic one.
         table = self.table
-        held, merge = table.by_origin, table.merge
+        held = table.by_origin
         verify = None if self._seal is None else self._seal.verify
         own_id, by_id = self.id, self._by_id
         came_back = sib.outbox
@@ -1063,7 +1072,7 @@ class Core:
             if new_origin and not self._may_introduce(sib, now):
                 continue
             # The seal is asked only about versions new to us: one verification per version.
-            merged = merge(a, verify)
+            merged = table.merge(a, verify)
             if merged is Merge.NEW:
                 accepted += 1
                 if forward is None:
@@ -1584,23 +1593,22 @@ class Core:
         out = self._save_incarnation()
         if self.flex.offered or self.activation_kw:
             self._balance(now)
-        shared: Adverts | None = None
+        # A flood queues the same adverts for most siblings: the same message objects for all
+        # of them let the runtime encode each once (and a simulator hold one copy in flight,
+        # which is most of a cold start's peak memory).
+        shared: tuple[Advert, ...] = ()
+        messages: list[Adverts] = []
         for sib in self.siblings.values():
             outbox = sib.outbox
             if not outbox:
                 continue
             if sib.state is LinkState.UP:
                 adverts = tuple(outbox.values())
-                if len(adverts) <= MAX_ADVERTS_PER_MESSAGE:
-                    # A flood queues the same adverts for most siblings: one message object
-                    # for all of them lets the runtime encode it once. (Tuples compare
-                    # identical items without calling their __eq__: a C loop.)
-                    if shared is None or shared.adverts != adverts:
-                        shared = Adverts(self.id, self.config.nonce, adverts)
-                    out.append(Send(sib.endpoint, shared))
-                else:
-                    out.extend(Send(sib.endpoint, Adverts(self.id, self.config.nonce, chunk))
-                               for chunk in _chunks(adverts, MAX_ADVERTS_PER_MESSAGE))
+                if not _same_items(adverts, shared):
+                    shared = adverts
+                    messages = [Adverts(self.id, self.config.nonce, chunk)
+                                for chunk in _chunks(adverts, MAX_ADVERTS_PER_MESSAGE)]
+                out.extend(Send(sib.endpoint, message) for message in messages)
             outbox.clear()
         if self.config.track_view or self._watchers:
             units = self.table.exact_units(now)

@@ -19,13 +19,12 @@ core does), or do I/O of any kind. Time comes in as an argument.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from types import MappingProxyType
 from weakref import WeakValueDictionary
 
-from zgrid.wire import MAX_COUNTER, Advert, Digest
+from zgrid.wire import MAX_COUNTER, Advert, Digest, Flex
 
 UNIT_EXPONENT = 1074  # 2**-1074 is the smallest positive double
 _UNIT_SCALE = 1 << UNIT_EXPONENT
@@ -45,19 +44,18 @@ def from_units(units: int) -> float:
 
 
 def entry_hash(a: Advert) -> int:
-    """The 64-bit share of one advert's version in the table hash (see docs/protocol.md).
-
-    blake2b-64 of the UTF-8 bytes of `origin NUL incarnation NUL seq` (decimal), read as a
-    little-endian unsigned integer. Python's own hash() of a str differs between processes,
-    so it cannot be used here.
-    """
-    return _version_hash(a.origin, a.incarnation, a.seq)
+    """The 64-bit share of one advert's version in the table hash (`Advert.version_hash`;
+    docs/protocol.md): the table hash is the XOR of its entries' shares."""
+    return a.version_hash()
 
 
-@functools.lru_cache(maxsize=1 << 16)  # each version is hashed by every node it reaches, twice
-def _version_hash(origin: str, incarnation: int, seq: int) -> int:
-    key = f"{origin}\x00{incarnation}\x00{seq}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+def _offer_moved(new: Flex | None, old: Flex | None) -> bool:
+    """`new != old`, field by field: Flex's dataclass __eq__ builds two tuples to compare, and
+    every new version of an offering node is compared here."""
+    if new is None or old is None:
+        return new is not old
+    return (new.flex_up_kw != old.flex_up_kw or new.price_up != old.price_up
+            or new.flex_down_kw != old.flex_down_kw or new.price_down != old.price_down)
 
 
 # Every member of an island computes the same island. Where many tables live in one process
@@ -252,14 +250,13 @@ class AdvertTable:
             if a.flex is not None:
                 self._offers_changed.add(origin)
             self._tombstones.pop(origin, None)
-            self.hash ^= _version_hash(origin, a.incarnation, a.seq)
+            self.hash ^= a.version_hash()
             if a.links:
                 self._island_dirty = True
             return
-        if a.flex is not old.flex and a.flex != old.flex:
+        if a.flex is not old.flex and _offer_moved(a.flex, old.flex):
             self._offers_changed.add(origin)
-        self.hash ^= _version_hash(origin, old.incarnation, old.seq) ^ _version_hash(
-            origin, a.incarnation, a.seq)
+        self.hash ^= old.version_hash() ^ a.version_hash()
         if old.links != a.links:
             self._island_dirty = True
         elif not self._island_dirty and origin in self._island:

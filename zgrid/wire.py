@@ -9,6 +9,7 @@ or frames, unknown versions or types. See docs/protocol.md for the same rules in
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -125,10 +126,25 @@ class Advert:
     signature: bytes = b""  # Ed25519 by the origin over `signed_bytes()`; empty without keys
     flex: Flex | None = None  # Phase II: the origin's offer (None: it offers nothing)
     activation_kw: float = 0.0  # what the origin applies now, from its clearing (+ up, - down)
+    # `version_hash()` once computed: one blake2b per advert object, however many tables store
+    # it (a flood hands the same object to every node of a simulator). Not on the wire.
+    _version_hash: int = field(default=-1, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> tuple[int, int]:
         return (self.incarnation, self.seq)
+
+    def version_hash(self) -> int:
+        """This version's 64-bit share of the table hash (docs/protocol.md): blake2b-64 of
+        the UTF-8 bytes of `origin NUL incarnation NUL seq` (decimal), read as a little-endian
+        unsigned integer. Python's own hash() of a str differs between processes, so it
+        cannot be used here."""
+        h = self._version_hash
+        if h < 0:
+            key = f"{self.origin}\x00{self.incarnation}\x00{self.seq}".encode()
+            h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+            object.__setattr__(self, "_version_hash", h)  # a cache: frozen fields stay as they are
+        return h
 
     def signed_bytes(self) -> bytes:
         """What the origin signs: SIGNING_CONTEXT, then the msgpack array of every field but
