@@ -672,7 +672,7 @@ class Simulator:
         if j is None or j not in self.connected[i]:
             return  # nobody listens there, or the runtime has no DEALER there either
         if self._dealer_up(i, j):
-            self._send(i, effect.endpoint, effect.message)
+            self._send_to(i, j, effect.message)
             return
         via = None if effect.dealer_only else self.routes[i].get(j)
         k = None if via is None else self._owner.get(via)
@@ -680,7 +680,7 @@ class Simulator:
             self.stats.dropped_unconnected += 1  # ZMQ_IMMEDIATE: nothing queues meanwhile
             return
         self.stats.routed_back += 1
-        self._send(i, self.endpoints[k], effect.message, _DELIVER_BACK)
+        self._send_to(i, k, effect.message, _DELIVER_BACK)
 
     def _dealer_up(self, i: int, j: int) -> bool:
         """Whether i's DEALER to j is connected now: it was, or a reconnect attempt (libzmq's
@@ -701,10 +701,12 @@ class Simulator:
         del self.down_since[i][j]
         return True
 
-    def _send(self, i: int, endpoint: str, msg: wire.PeerMessage, kind: int = _DELIVER) -> None:
+    def _send(self, i: int, endpoint: str, msg: wire.PeerMessage) -> None:
         j = self.endpoint_index.get(endpoint)
-        if j is None:
-            return  # nobody listens there
+        if j is not None:  # else nobody listens there
+            self._send_to(i, j, msg)
+
+    def _send_to(self, i: int, j: int, msg: wire.PeerMessage, kind: int = _DELIVER) -> None:
         times = self.network.arrivals(i, j, self.now)
         if not times:
             return

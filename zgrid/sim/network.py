@@ -129,7 +129,8 @@ class Network:
         self.default_link = link or LinkModel()
         self.link_overrides: dict[Pair, LinkModel] = {}
         self.cut: set[Pair] = set()  # membership only, never iterated for order
-        self._last_arrival: dict[tuple[int, int], float] = {}  # per directed link (FIFO)
+        # The last arrival per directed link (FIFO), keyed by `_directed(i, j)`.
+        self._last_arrival: dict[int, float] = {}
 
     # ------------------------------------------------------------------ faults
 
@@ -157,12 +158,13 @@ class Network:
         """When a message i sends to j now arrives: no time (lost or cut), one, or two
         (duplicated). The random draws are made in a fixed order: loss, latency, reordering,
         duplication, then latency and reordering of the copy."""
-        link = (i, j) if i < j else (j, i)
-        if self.cut and link in self.cut:
-            self.stats.dropped_cut += 1
-            return _NOT_DELIVERED
-        model = self.link_overrides.get(link, self.default_link) if self.link_overrides \
-            else self.default_link
+        model = self.default_link
+        if self.cut or self.link_overrides:  # the pair is built only when a fault needs it
+            link = (i, j) if i < j else (j, i)
+            if link in self.cut:
+                self.stats.dropped_cut += 1
+                return _NOT_DELIVERED
+            model = self.link_overrides.get(link, model)
         rng = self.rng
         if model.loss and rng.random() < model.loss:
             self.stats.lost += 1
@@ -172,10 +174,11 @@ class Network:
         if model.reorder and rng.random() < model.reorder:
             self.stats.reordered += 1
         else:
-            last = self._last_arrival.get((i, j), first)
+            key = _directed(i, j)
+            last = self._last_arrival.get(key, first)
             if first < last:
                 first = last
-            self._last_arrival[(i, j)] = first
+            self._last_arrival[key] = first
         if model.duplicate and rng.random() < model.duplicate:
             self.stats.duplicated += 1
             return (first, self._arrival(i, j, model, now))
@@ -186,8 +189,14 @@ class Network:
         if model.reorder and self.rng.random() < model.reorder:
             self.stats.reordered += 1
             return at
-        last = self._last_arrival.get((i, j), at)
+        key = _directed(i, j)
+        last = self._last_arrival.get(key, at)
         if at < last:
             at = last  # FIFO: equal times keep send order (the heap breaks ties by seq)
-        self._last_arrival[(i, j)] = at
+        self._last_arrival[key] = at
         return at
+
+
+def _directed(i: int, j: int) -> int:
+    """One int for the directed link i -> j: no tuple to build and hash once per message."""
+    return (i << 32) | j
