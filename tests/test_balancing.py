@@ -9,16 +9,17 @@ from __future__ import annotations
 import math
 import random
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from zgrid.clearing import Clearing, Offer, clear
-from zgrid.core import Core
+from zgrid.core import BALANCE_HOLDOFF_S, Core
 from zgrid.sim import Simulator, converged_sim
 from zgrid.table import AdvertTable
-from zgrid.wire import Advert, Flex, FlexRequest, SetRequest
+from zgrid.wire import Advert, Adverts, Flex, FlexRequest, SetRequest
 
 from conftest import BIN, Grid, NodeProc, ctl, wait_until
 
@@ -162,6 +163,26 @@ def test_the_table_tells_the_book_of_offers_that_moved_and_of_nothing_else() -> 
     table.discard("b")
     table.merge(version("b", 4))
     assert table.take_offers_changed() == {"b"}
+
+
+def test_a_status_read_before_the_flush_does_not_hide_an_offer_change_from_balancing() -> None:
+    """A node computes its share a hold-off after its view moved. A status read in between
+    reads the table's changed offers into the book, and the node must still see that the
+    book moved (core and runtime: a status request and an advert in one mailbox drain)."""
+    sim = converged_sim([(0, 1)], [(0.0, 2.0), (0.0, 0.0)])
+    flex(sim, 1, up=5.0, price_up=0.2)
+    sim.run_until(sim.now + SETTLE_S)
+    a, b = cores(sim)
+    assert b.activation_kw == 2.0
+    now = sim.now
+    cheaper = replace(a.own_advert, seq=a.own_advert.seq + 1, flex=Flex(5.0, 0.1))
+    b.handle(sim.envelopes[0], Adverts(a.id, a.config.nonce, (cheaper,)), now)
+    assert b.clearing(now).activation_kw(a.id) == 2.0  # the status read, before the flush
+    b.flush(now)
+    later = now + 2 * BALANCE_HOLDOFF_S
+    b.timer(later)
+    b.flush(later)
+    assert b.activation_kw == 0.0, "the cheaper offer covers the deficit"
 
 
 def test_a_nodes_offer_is_kept_across_a_restart() -> None:

@@ -58,9 +58,9 @@ duplicate_id.
 Balancing (Phase II): adverts may carry a flexibility offer; every member runs the same
 clearing (zgrid/clearing.py) over its island and applies only its own activation (`_balance`).
 The island's offers are kept in an `OfferBook` updated from the table's changed origins, so a
-node asks for its own share without sorting the island; a changed activation is applied
-BALANCE_HOLDOFF_S after the clearing first changed it, so one flood's intermediate tables are
-not each advertised.
+node asks for its own share without sorting the island. It does so BALANCE_HOLDOFF_S after
+the imbalance or an offer in its view first moved, once, so one flood's intermediate tables are
+neither each cleared nor each advertised.
 
 What one peer may cost us (one frame must never take a node down): refusal BYEs are budgeted
 (`LinkGate`), a sibling gets and has answered at most one digest per ping interval, it may
@@ -127,10 +127,11 @@ from zgrid.wire import (
     parse_sibling_address,
 )
 
-# A changed activation is applied this long after the clearing first changed it: the adverts
-# of one burst (a quarter hour's meter readings, every battery's new offer) land over a few
-# flood times, and applying each intermediate clearing made most activated nodes re-advertise
-# twice per change (measured in the simulated day). Short against AGC's 2-4 s.
+# A node computes (and applies) its share this long after its view of the imbalance or the
+# offers first moved: the adverts of one burst (a quarter hour's meter readings, every
+# battery's new offer) land over a few flood times, and applying each intermediate clearing
+# made most activated nodes re-advertise twice per change (measured in the simulated day).
+# Short against AGC's 2-4 s.
 BALANCE_HOLDOFF_S = 0.002
 HELLO_RETRY_MIN_S = 0.01  # the first HELLO on a fresh connection is often dropped (IMMEDIATE)
 HELLO_RETRY_MAX_S = 1.0
@@ -520,9 +521,9 @@ class Core:
         self._book = OfferBook()
         self._book_island: frozenset[str] | None = None
         self._book_flex: dict[str, Flex] = {}  # the offer object the book holds, by origin
+        # (imbalance, book, book version) our share was last computed for.
         self._balanced_at: tuple[int, OfferBook, int] | None = None
-        self._wanted_kw = 0.0  # the activation our clearing asks for, applied at _balance_due
-        self._balance_due = math.inf
+        self._balance_due = math.inf  # when our share is computed (and applied) next
         self._activations: tuple[tuple[int, frozenset[str]], int] | None = None
         self.trust = trust
         self._seal = None if trust is None else trust.seal
@@ -1678,28 +1679,34 @@ class Core:
         return island
 
     def _balance(self, now: float) -> None:
-        """Apply our own activation (and advertise it) when the clearing changed it, once it
-        has held for BALANCE_HOLDOFF_S. The clearing reads base values and offers only, so
-        applying it cannot feed back. Our own share alone is asked of the book: the whole
-        clearing is built only when it is read."""
+        """Apply our own activation (and advertise it) when the clearing changed it.
+
+        Our share depends on the island's imbalance and offers only: an advert that moves
+        neither (an activation, a link elsewhere) costs nothing here. Once either moves, the
+        share is computed BALANCE_HOLDOFF_S later, once, from the view that one burst's flood
+        has settled to, rather than at every intermediate table. The clearing reads base
+        values and offers only, so applying it cannot feed back. Only our own share is asked
+        of the book: the whole clearing is built only when it is read."""
+        table = self.table
+        if self._balance_due == math.inf:
+            production, consumption = table.exact_units(now)
+            # The book as our share last read it: a status read may have synced it since.
+            if ((production - consumption, self._book, self._book.version) == self._balanced_at
+                    and table.island(now) is self._book_island
+                    and not table.offers_changed_pending()):
+                return
+            self._balance_due = now + BALANCE_HOLDOFF_S
+            return
+        if now < self._balance_due:
+            return
+        self._balance_due = math.inf
         self._sync_book(now)
-        production, consumption = self.table.exact_units(now)
-        # Our share depends on the imbalance and the offers only: an advert that moves neither
-        # (an activation, a link elsewhere) costs no clearing.
-        key = (production - consumption, self._book, self._book.version)
-        if key != self._balanced_at:
-            self._balanced_at = key
-            self._wanted_kw = from_units(
-                self._book.activation_units(self.id, production - consumption))
-            if self._wanted_kw == self.activation_kw:
-                self._balance_due = math.inf
-            elif self._balance_due == math.inf:
-                self._balance_due = now + BALANCE_HOLDOFF_S
-        if now >= self._balance_due:
-            self._balance_due = math.inf
-            if self._wanted_kw != self.activation_kw:
-                self.activation_kw = self._wanted_kw
-                self._bump()
+        production, consumption = table.exact_units(now)
+        self._balanced_at = (production - consumption, self._book, self._book.version)
+        wanted = from_units(self._book.activation_units(self.id, production - consumption))
+        if wanted != self.activation_kw:
+            self.activation_kw = wanted
+            self._bump()
 
     def device_changed(self, offer: Flex, rating_kw: float, state: Mapping[str, Any]
                        ) -> list[Effect]:

@@ -235,6 +235,10 @@ class AdvertTable:
         """Store `a` whatever is held: the owner's own new advert."""
         self._store(a, self._adverts.get(a.origin))
 
+    def offers_changed_pending(self) -> bool:
+        """Whether some origin's offer may have changed since `take_offers_changed`."""
+        return bool(self._offers_changed)
+
     def take_offers_changed(self) -> set[str]:
         """The origins whose offer may have changed since the last call (and forget them)."""
         changed, self._offers_changed = self._offers_changed, set()
