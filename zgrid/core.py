@@ -1595,8 +1595,7 @@ class Core:
         if self.flex.offered or self.activation_kw:
             self._balance(now)
         # A flood queues the same adverts for most siblings: the same message objects for all
-        # of them let the runtime encode each once (and a simulator hold one copy in flight,
-        # which is most of a cold start's peak memory).
+        # of them let the runtime encode each once.
         shared: tuple[Advert, ...] = ()
         messages: list[Adverts] = []
         for sib in self.siblings.values():
