@@ -195,6 +195,9 @@ def main() -> int:
 
     first, last = targets[0], targets[-1]
     fastest = max(r["messages_per_s"] or 0 for r in targets + sweep)
+    # The target is set at 1,000 nodes (issue 7): a small grid's rate says nothing about it.
+    fastest_1k = max((r["messages_per_s"] or 0 for r in targets + sweep if r["nodes"] == 1000),
+                     default=0)
     checks = {
         "1k_cold_start_plus_100_changes_wall_s": first["wall_s"],
         "1k_under_60s": first["wall_s"] < TARGET_1K_WALL_S,
@@ -205,8 +208,9 @@ def main() -> int:
         "10k_under_5min": last["wall_s"] < TARGET_10K_WALL_S,
         "10k_memory_peak_mb": last["memory_peak_mb"],
         "10k_under_8GB": last["memory_peak_mb"] < TARGET_10K_MEMORY_MB,
-        "best_messages_per_s": fastest,
-        "messages_per_s_target_met": fastest >= TARGET_MESSAGES_PER_S,
+        "best_messages_per_s_any_size": fastest,
+        "best_messages_per_s_at_1k_nodes": fastest_1k,
+        "messages_per_s_at_1k_target_met": fastest_1k >= TARGET_MESSAGES_PER_S,
         "all_agreed": all(r["agreed"] for r in targets + sweep),
     }
     print("\n== targets ==")
