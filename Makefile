@@ -67,7 +67,7 @@ bench-sim: $(STAMP) $(MYPYC_TREE)/SOURCE_HASH  # scale of agreement; Phase II's 
 	$(BIN)/python scripts/bench_sim.py
 	$(BIN)/python scripts/bench_day.py --compiled $(MYPYC_TREE)
 
-bench-sim-cold: $(STAMP) $(MYPYC_TREE)/SOURCE_HASH  # the 10,000-node cold start, compiled: about 11 minutes, 17 GB
+bench-sim-cold: $(STAMP) $(MYPYC_TREE)/SOURCE_HASH  # the 10,000-node cold start, compiled: about 8 minutes, 8 GB
 	PYTHONPATH=$(MYPYC_TREE) $(BIN)/python scripts/bench_sim.py --cold-10k
 
 mosaik-demo: $(STAMP)  # a day of 20 households, a battery and a plant: mosaik drives real nodes

@@ -150,7 +150,8 @@ def main() -> int:
     parser.add_argument("--skip-full-wire", action="store_true",
                         help="skip the 1,000-node run that encodes+decodes every message")
     parser.add_argument("--cold-10k", action="store_true",
-                        help="only the 10,000-node cold start (no preload): about 15 minutes")
+                        help="only the 10,000-node cold start (no preload): about 8 minutes "
+                        "compiled (make bench-sim-cold), longer interpreted")
     args = parser.parse_args()
     OUT_DIR.mkdir(exist_ok=True)
     big, mid = (1000, 300) if args.quick else (10000, 1000)
