@@ -288,6 +288,9 @@ def _marginal_shares(group: Mapping[str, int], need: int, group_flex: int) -> di
 # A flood hands the same offer to every node it reaches, and a simulator runs a thousand nodes
 # in one process: the exact conversion (two big-integer roundings, two 1074-bit shifts) is then
 # done once per offer rather than once per node.
+_NOTHING_HELD = (0, 0, 0, 0)  # a book entry offering no units either way
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _book_entry(flex_up_kw: float, price_up: float, flex_down_kw: float, price_down: float
                 ) -> tuple[int, int, int, int]:
@@ -324,7 +327,7 @@ class OfferBook:
             price_down: float) -> None:
         """Hold `node_id`'s offer (replacing the one held); zero flex both ways removes it."""
         entry = _book_entry(flex_up_kw, price_up, flex_down_kw, price_down)
-        old = self._held.get(node_id)
+        old = self._held.get(node_id, _NOTHING_HELD)
         if old == entry:
             return
         if not entry[1] and not entry[3]:
@@ -332,9 +335,8 @@ class OfferBook:
             return
         self.version += 1
         self._held[node_id] = entry
-        self._up.move(node_id, old[0] if old else 0, old[1] if old else 0, entry[0], entry[1])
-        self._down.move(node_id, old[2] if old else 0, old[3] if old else 0, entry[2],
-                        entry[3])
+        self._up.move(node_id, old[0], old[1], entry[0], entry[1])
+        self._down.move(node_id, old[2], old[3], entry[2], entry[3])
 
     def remove(self, node_id: str) -> None:
         entry = self._held.pop(node_id, None)
