@@ -40,6 +40,7 @@ COMPILED = (
     "zgrid/core.py",
     "zgrid/sim/network.py",
     "zgrid/sim/engine.py",
+    "zgrid/sim/measurement.py",
 )
 
 def source_hash() -> str:

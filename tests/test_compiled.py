@@ -53,6 +53,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_tree_holds_compiled_modules_and_the_hash_of_their_sources(tree: Path) -> None:
     assert list((tree / "zgrid").glob("core.*.so")), "core was not compiled"
     assert list((tree / "zgrid" / "sim").glob("engine.*.so")), "the engine was not compiled"
+    assert list((tree / "zgrid" / "sim").glob("measurement.*.so")), "measurement was not compiled"
     assert len((tree / "SOURCE_HASH").read_text().strip()) == 64
     assert not list((ROOT / "zgrid").glob("*.so")), "the build wrote into the checkout"
 
@@ -72,6 +73,36 @@ def test_a_day_on_the_compiled_tree_is_the_interpreted_day(tree: Path, tmp_path:
         k: v for k, v in interpreted.summary.items() if k not in timing}
     assert compiled["series"] == json.loads(json.dumps(interpreted.series))
     assert interpreted.summary["steps"] == 180 and interpreted.summary["messages"] > 0
+
+
+SCENARIO_SCRIPT = """
+import json
+import zgrid.sim.measurement
+from zgrid.sim import Scenario, run_scenario
+result = run_scenario(Scenario(nodes=60, degree=4, changes=10, start="cold"))
+print(json.dumps({"measurement": zgrid.sim.measurement.__file__, "result": result}))
+"""
+
+
+def test_a_scenario_on_the_compiled_tree_is_the_interpreted_one_delivery_for_delivery(
+        tree: Path, tmp_path: Path) -> None:
+    from zgrid.sim import Scenario, run_scenario
+
+    script = tmp_path / "scenario.py"
+    script.write_text(SCENARIO_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(tree)),
+                          capture_output=True, text=True, timeout=120, check=True)
+    compiled = json.loads(done.stdout)
+    assert not compiled["measurement"].endswith(".py"), compiled["measurement"]
+    interpreted = json.loads(json.dumps(run_scenario(Scenario(nodes=60, degree=4, changes=10,
+                                                              start="cold"))))
+
+    def figures(result: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in result.items()
+                if not k.endswith(("wall_s", "per_s")) and k != "memory_peak_mb"}
+
+    assert figures(compiled["result"]) == figures(interpreted)
+    assert interpreted["trace_hash"] and interpreted["changes_converged"] == 10
 
 
 PICKLE_SCRIPT = """

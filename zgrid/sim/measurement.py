@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from zgrid.core import Core
 from zgrid.errors import ProtocolError
 from zgrid.wire import Advert, Adverts, Bye, DigestMsg, Hello, Message, Ping
@@ -52,6 +54,9 @@ _TYPE_CODE: dict[type, int] = {Hello: 1, Adverts: 2, DigestMsg: 3, Ping: 4, Bye:
 Delivered = Message | ProtocolError  # what a delivery hands a core: a message or the error
 
 
+# Compiled (scripts/mypyc_build.py), a class is closed to interpreted subclasses unless it says
+# otherwise: observers are the simulator's extension point, written in plain Python.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Observer:
     """The hooks the engine calls; each is a no-op here, so an observer overrides only what it
     needs. The engine calls them only when at least one observer is attached, and calls
