@@ -93,6 +93,7 @@ from typing import Any, Protocol, TypeAlias
 from zgrid.clearing import Clearing, OfferBook
 from zgrid.devices import meaningful_change
 from zgrid.errors import ControlError, ProtocolError
+from zgrid.flood import FloodPlan, FloodPruner
 from zgrid.persisted import PersistedState
 from zgrid.table import AdvertTable, Merge, exact_units, from_units
 from zgrid.wire import (
@@ -139,6 +140,13 @@ REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become fre
 WATCH_LEASE_S = 5.0  # a watch client re-sends `watch` more often than this to stay subscribed
 BAD_FRAME_LOG_INTERVAL_S = 10.0  # at most one log line per interval about bad frames
 HASH_MISMATCHES_BEFORE_DIGEST = 2  # one mismatch is normal while a flood is in flight
+# The pruned flood (zgrid/flood.py) waits until a node's topology has not moved for this long:
+# until then the nodes' views may differ, and a full flood does not depend on them.
+PRUNED_FLOOD_SETTLE_S = 1.0
+# Above this island size the flood goes over every link. A node's plan costs one
+# breadth-first search per sibling and an entry per origin; the simulator, which holds every
+# node in one process, cannot give that to 10,000 nodes (docs/design.md).
+PRUNED_FLOOD_MAX_NODES = 512
 # A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
 # live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
 RIVAL_OUTBID_INTERVAL_S = 5.0
@@ -234,6 +242,7 @@ class Config:
     max_nodes: int = 40_000
     track_view: bool = True  # compute the view after every flush (False: only when read)
     require_sibling_ids: bool = False  # with CurveZMQ: a sibling's key is found by its id
+    pruned_flood_max_nodes: int = PRUNED_FLOOD_MAX_NODES  # 0: always flood over every link
     # Random per process and never sent: keys the challenge (token) of our HELLOs, so nobody
     # can answer one without receiving it. 0: derived from the nonce (simulations, tests).
     secret: int = 0
@@ -536,6 +545,7 @@ class Core:
             # remember an unlink that only a `linking` HELLO undoes.
             self.siblings[endpoint] = Sibling(endpoint, expected, linking=address in linking)
         self.table = AdvertTable(self.id, config.max_nodes)
+        self._pruner = FloodPruner(config.pruned_flood_max_nodes, PRUNED_FLOOD_SETTLE_S)
         self.counters: dict[str, int] = {
             "messages_received": 0, "bad_frames": 0, "ignored": 0, "adverts_received": 0,
             "adverts_accepted": 0, "link_flaps": 0, "digests_sent": 0, "bad_signatures": 0,
@@ -1060,6 +1070,8 @@ class Core:
         own_id, by_id = self.id, self._by_id
         came_back = sib.outbox
         forward: list[dict[str, Advert]] | None = None  # the other up siblings' outboxes
+        plan: FloodPlan | None = None
+        targets: list[tuple[int, dict[str, Advert]]] = []  # (bit in the plan or -1, outbox)
         accepted = ignored = unverified = 0
         for a in adverts:
             origin = a.origin
@@ -1077,10 +1089,17 @@ class Core:
             if merged is Merge.NEW:
                 accepted += 1
                 if forward is None:
-                    forward = [s.outbox for s in self.siblings.values()
-                               if s.state is LinkState.UP and s is not sib]
-                for outbox in forward:
-                    outbox[origin] = a
+                    forward, plan, targets = self._flood_targets(sib, now)
+                elif plan is not None and plan.version != table.links_version:
+                    plan = None  # this advert moved the topology: the plan is for the old one
+                if plan is None or not plan.sender_is_nearer(sib.id, origin):
+                    for outbox in forward:  # in full: see zgrid/flood.py for when
+                        outbox[origin] = a
+                else:
+                    children = plan.children.get(origin, -1)
+                    for bit, outbox in targets:
+                        if bit < 0 or (children >> bit) & 1:
+                            outbox[origin] = a
                 if new_origin:
                     sib.introduced.append(origin)
                 known = by_id.get(origin)
@@ -1105,6 +1124,23 @@ class Core:
         if counters["bad_signatures"] != bad_signatures:
             out.extend(self._log_bad_signatures(msg.sender, now))
         return out
+
+    def _flood_targets(self, sender: Sibling, now: float
+                       ) -> tuple[list[dict[str, Advert]], FloodPlan | None,
+                                  list[tuple[int, dict[str, Advert]]]]:
+        """Where a version new to us goes: the outboxes of the UP siblings but `sender`, and
+        the pruned flood's plan (None: flood in full) with each outbox's bit in it."""
+        up = [s for s in self.siblings.values() if s.state is LinkState.UP]
+        forward = [s.outbox for s in up if s is not sender]
+        if not self.config.pruned_flood_max_nodes:
+            return forward, None, []
+        plan = self._pruner.plan(self.table, tuple(s.id for s in up if s.id is not None), now)
+        if plan is None:
+            return forward, None, []
+        bits = plan.bit
+        targets = [(bits.get(s.id, -1) if s.id is not None else -1, s.outbox)
+                   for s in up if s is not sender]
+        return forward, plan, targets
 
     def _may_introduce(self, sib: Sibling, now: float) -> bool:
         """Whether `sib` may give us one more origin we have never heard of. Each sibling may
@@ -1467,6 +1503,7 @@ class Core:
         for sib in expired:  # it never answered from the endpoint it claimed: not a sibling
             self._remove(sib)
             out.append(Disconnect(sib.endpoint))
+        self._pruner.note(self.table, now)
         if now >= self._next_ping:
             self._next_ping = self._ping_after(now)
             ping = Ping(self.id, self.config.nonce, self.table.hash)

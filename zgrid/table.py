@@ -79,13 +79,14 @@ class AdvertTable:
 
     __slots__ = ("_adverts", "_island", "_island_dirty", "_offers_changed", "_tombstones",
                  "_units_consumption", "_units_production", "_unreachable_since", "evicted",
-                 "hash", "max_nodes", "owner")
+                 "hash", "links_version", "max_nodes", "owner")
 
     def __init__(self, owner: str, max_nodes: int) -> None:
         self.owner = owner
         self.max_nodes = max_nodes
         self.hash = 0  # XOR of entry_hash over every stored advert
         self.evicted = 0  # unreachable adverts dropped to make room for a new origin
+        self.links_version = 0  # grows whenever some advert's links (the topology) changed
         self._adverts: dict[str, Advert] = {}
         self._island: frozenset[str] = frozenset({owner})
         self._island_dirty = True
@@ -257,12 +258,14 @@ class AdvertTable:
             self.hash ^= a.version_hash()
             if a.links:
                 self._island_dirty = True
+                self.links_version += 1
             return
         if a.flex is not old.flex and _offer_moved(a.flex, old.flex):
             self._offers_changed.add(origin)
         self.hash ^= old.version_hash() ^ a.version_hash()
         if old.links != a.links:
             self._island_dirty = True
+            self.links_version += 1
         elif not self._island_dirty and origin in self._island:
             # Most new versions move one value (or only an offer or activation): skip the rest.
             if a.production != old.production:
@@ -282,6 +285,7 @@ class AdvertTable:
             self._unreachable_since.pop(origin, None)
             self._offers_changed.add(origin)
             self._island_dirty = True
+            self.links_version += 1
         self._tombstones[origin] = ((MAX_COUNTER, MAX_COUNTER), now)
 
     def discard(self, origin: str) -> None:
@@ -294,6 +298,7 @@ class AdvertTable:
         self._unreachable_since.pop(origin, None)
         self._offers_changed.add(origin)
         self._island_dirty = True
+        self.links_version += 1
 
     def forget(self, now: float, forget_after_s: float) -> list[str]:
         """Drop origins unreachable for `forget_after_s` (leaving tombstones) and tombstones
@@ -349,6 +354,32 @@ class AdvertTable:
         self._units_consumption = sum(exact_units(adverts[x].consumption)
                                       for x in seen if x in adverts)
         return self._island
+
+    def hops_from(self, start: str) -> dict[str, int]:
+        """Hops from `start` to every origin it reaches over two-way edges (breadth first):
+        what the pruned flood (zgrid/flood.py) compares. O(island)."""
+        adverts = self._adverts
+        hops = {start: 0}
+        frontier = [start]
+        depth = 0
+        while frontier:
+            depth += 1
+            reached: list[str] = []
+            for x in frontier:
+                ax = adverts.get(x)
+                for y in ax.links if ax is not None else ():
+                    if y not in hops and (ay := adverts.get(y)) is not None and x in ay.links:
+                        hops[y] = depth
+                        reached.append(y)
+            frontier = reached
+        return hops
+
+    def neighbours(self, origin: str) -> list[str]:
+        """The origins `origin` has a two-way edge with (both adverts list each other)."""
+        adverts = self._adverts
+        held = adverts.get(origin)
+        return [y for y in held.links if (ay := adverts.get(y)) is not None
+                and origin in ay.links] if held is not None else []
 
     def components(self) -> list[list[str]]:
         """Every known origin grouped into islands as each would see itself: connected over
