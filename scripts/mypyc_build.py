@@ -36,6 +36,7 @@ COMPILED = (
     "zgrid/errors.py",
     "zgrid/persisted.py",
     "zgrid/table.py",
+    "zgrid/flood.py",
     "zgrid/clearing.py",
     "zgrid/core.py",
     "zgrid/sim/network.py",
