@@ -143,9 +143,9 @@ HASH_MISMATCHES_BEFORE_DIGEST = 2  # one mismatch is normal while a flood is in 
 # The pruned flood (zgrid/flood.py) waits until a node's topology has not moved for this long:
 # until then the nodes' views may differ, and a full flood does not depend on them.
 PRUNED_FLOOD_SETTLE_S = 1.0
-# Above this island size the flood goes over every link. A node's plan costs one
-# breadth-first search per sibling and an entry per origin; the simulator, which holds every
-# node in one process, cannot give that to 10,000 nodes (docs/design.md).
+# Above this island size the flood goes over every link. A node's plan takes a breadth-first
+# search from itself, each sibling and their neighbours, and keeps an entry per origin; the
+# simulator, which holds every node in one process, cannot afford that for 10,000 nodes.
 PRUNED_FLOOD_MAX_NODES = 512
 # A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
 # live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
