@@ -1132,9 +1132,10 @@ class Core:
         the pruned flood's plan (None: flood in full) with each outbox's bit in it."""
         up = [s for s in self.siblings.values() if s.state is LinkState.UP]
         forward = [s.outbox for s in up if s is not sender]
-        if not self.config.pruned_flood_max_nodes:
+        pruner = self._pruner
+        if not self.config.pruned_flood_max_nodes or not pruner.settled(self.table, now):
             return forward, None, []
-        plan = self._pruner.plan(self.table, tuple(s.id for s in up if s.id is not None), now)
+        plan = pruner.plan(self.table, tuple(s.id for s in up if s.id is not None), now)
         if plan is None:
             return forward, None, []
         bits = plan.bit

@@ -74,19 +74,21 @@ class FloodPruner:
             self._moved_at = now
             self._plan = None
 
+    def settled(self, table: AdvertTable, now: float) -> bool:
+        """Whether the flood may be pruned now: the topology has not moved for `settle_s`
+        and the island is small enough. Cheap: what every message with news asks first."""
+        self.note(table, now)
+        return (now - self._moved_at >= self.settle_s
+                and len(table.island(now)) <= self.max_nodes)
+
     def plan(self, table: AdvertTable, siblings: Sequence[str], now: float
              ) -> FloodPlan | None:
         """The plan for `siblings` (the ids of our UP siblings, in order), or None: flood."""
-        self.note(table, now)
-        if now - self._moved_at < self.settle_s:
+        if not self.settled(table, now):
             return None
         plan = self._plan
-        if plan is not None and plan.siblings == tuple(siblings):
-            return plan
-        island = table.island(now)
-        if len(island) > self.max_nodes:
-            return None
-        self._plan = plan = _plan(table, tuple(siblings), island)
+        if plan is None or plan.siblings != tuple(siblings):
+            self._plan = plan = _plan(table, tuple(siblings), table.island(now))
         return plan
 
 
