@@ -8,7 +8,9 @@ restarts and freezes; then everything is healed and the grid runs to quiescence.
   node it cannot reach);
 - nothing persisted is lost across a crash (a restarted node has the values it acknowledged);
 - messages per change never exceed what flooding needs: each advert version crosses each link
-  direction at most once (when no anti-entropy repair ran), so at most 2 x edges per change.
+  direction at most once (when no anti-entropy repair ran), so at most 2 x edges per change;
+- once the topology has settled, the flood is pruned to a tree: a change that reaches every
+  node reaches each one exactly once (N - 1 messages), along a shortest path.
 
 Profiles: "default" is fast (this whole file well under a minute on 2 cores, run by `make
 test`); "soak" searches much deeper (`make soak` sets HYPOTHESIS_PROFILE=soak). These tests must
@@ -21,9 +23,11 @@ import math
 import os
 from dataclasses import dataclass
 
+import networkx as nx
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
+from zgrid.core import PRUNED_FLOOD_SETTLE_S
 from zgrid.sim import Latency, LinkModel, Simulator, cold_start
 
 settings.register_profile("default", max_examples=120, deadline=None, derandomize=False,
@@ -34,6 +38,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 MAX_NODES = 7
 HEAL_LIMIT_S = 40.0  # HELLO backoff tops out at 1 s; dead_after is 1 s: generous on purpose
+# Until the pruned flood is on everywhere: a node notices that its topology moved at its next
+# timer (one ping interval, 0.25 s, at most) and waits PRUNED_FLOOD_SETTLE_S from then.
+SETTLE_S = PRUNED_FLOOD_SETTLE_S + 0.25 + 0.1
 
 powers = st.one_of(
     st.sampled_from([0.0, 0.1, 0.2, 0.3, 1e-300, 5e-324, 1e9, 999999999.9999999, 123.456]),
@@ -103,6 +110,8 @@ def test_after_any_faults_and_healing_every_component_agrees_on_the_exact_total(
         data: st.DataObject) -> None:
     grid = data.draw(grids())
     sim = start(grid)
+    if data.draw(st.booleans(), label="settle first"):  # the faults then hit a pruned flood
+        sim.run_until(sim.now + SETTLE_S)
     ops = data.draw(operations(grid.n))
     acknowledged = {i: grid.values[i] for i in range(grid.n)}
     persisted_at_crash: dict[int, tuple[float, float, int]] = {}
@@ -201,3 +210,28 @@ def test_each_change_crosses_each_link_direction_at_most_once(
     if digests == 0:
         assert all(count == 1 for count in sim.crossings.values()), sim.crossings
     assert sim.check_agreement(strict=True).agreed
+
+
+@given(grid=grids(min_nodes=2, connected=True),
+       sets=st.lists(st.tuples(st.integers(0, MAX_NODES - 1), powers,
+                               st.sampled_from([0.0, 1e-5, 1e-4, 1e-3])), min_size=1, max_size=12))
+def test_in_a_settled_grid_a_change_reaches_each_node_once_along_a_shortest_path(
+        grid: Grid, sets: list[tuple[int, float, float]]) -> None:
+    sim = start(grid)
+    sim.run_until(sim.now + SETTLE_S)
+    digests_before = sum(c.counters["digests_sent"] for c in sim.cores if c is not None)
+    for i, p, gap in sets:
+        sim.set_value(i % grid.n, p, None, track=True)
+        sim.run_until(sim.now + gap)
+    sim.run_until(sim.now + 0.05)
+    assert sim.all_changes_settled()
+    assert sim.check_agreement(strict=True).agreed
+    if sum(c.counters["digests_sent"] for c in sim.cores if c is not None) != digests_before:
+        return  # a repair ran: its adverts are counted too
+    graph = nx.Graph(grid.edges)
+    graph.add_nodes_from(range(grid.n))
+    for change in sim.changes:
+        assert change.messages <= grid.n - 1, change
+        if change.converged_at_s is not None:
+            assert change.messages == grid.n - 1, change
+            assert change.hops == nx.single_source_shortest_path_length(graph, change.origin)
