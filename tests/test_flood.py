@@ -10,9 +10,9 @@ from dataclasses import replace
 
 import networkx as nx
 
-from zgrid.core import PRUNED_FLOOD_SETTLE_S, Core, Send
+from zgrid.core import PRUNED_FLOOD_AFTER_REPAIR_S, PRUNED_FLOOD_SETTLE_S, Core, Send
 from zgrid.flood import FloodPruner
-from zgrid.sim import Simulator, converged_sim
+from zgrid.sim import LinkModel, Simulator, converged_sim
 from zgrid.table import AdvertTable
 from zgrid.wire import Advert, Adverts, UnlinkRequest
 
@@ -81,6 +81,23 @@ def test_a_change_right_after_a_link_went_away_goes_over_every_link() -> None:
     assert sim.check_agreement(strict=True).agreed
 
 
+def test_after_a_repair_the_nodes_around_it_flood_in_full_for_a_while() -> None:
+    graph = nx.random_regular_graph(4, 40, seed=5)
+    sim = settled_grid(list(graph.edges))
+    origin = 3
+    lost_to = next(iter(graph[origin]))
+    sim.set_link_model(origin, lost_to, LinkModel(sim.default_link.latency, loss=1.0))
+    sim.set_value(origin, production=1.5)
+    sim.run_until(sim.now + 0.002)  # everywhere but in the subtree of the lost copy
+    sim.set_link_model(origin, lost_to, sim.default_link)
+    assert not sim.check_agreement(strict=True).agreed
+    assert sim.run_until_agreed(2.0).agreed  # pings, then a digest, repaired it
+    sim.run_until(_off_ping(sim.now + PING_INTERVAL_S))
+    assert adverts_for_change(sim, origin, 2.5) > 40 - 1  # the repair's neighbours flood
+    sim.run_until(_off_ping(sim.now + PRUNED_FLOOD_AFTER_REPAIR_S + PING_INTERVAL_S))
+    assert adverts_for_change(sim, origin, 3.5) == 40 - 1  # and then prune again
+
+
 def _ring_of_five() -> tuple[Simulator, Core, Advert]:
     """n0 - n1 - n2 - n3 - n4 - n0, settled; node n1, and a newer version of n3's advert
     (n1's sibling n2 is one hop from n3, n1 and its sibling n0 are two)."""
@@ -136,6 +153,16 @@ def test_the_pruner_plans_only_once_the_topology_has_settled_and_the_island_is_s
     table.put(Advert("d", 1, 2, 0.0, 0.0, ("c", "e"), "tcp://d:7000", 1))
     assert pruner.plan(table, ("a", "c"), now=1.5) is None  # moved again
     assert pruner.plan(table, ("a", "c"), now=2.5) is None  # settled, but 5 nodes > 4
+
+
+def test_the_pruner_floods_in_full_for_the_hold_after_a_repair() -> None:
+    table = _line_table("b", ["a", "b", "c", "d"])
+    pruner = FloodPruner(max_nodes=4, settle_s=1.0)
+    pruner.note(table, now=0.0)
+    assert pruner.settled(table, now=1.0)
+    pruner.stand_down(now=1.0, hold_s=10.0)
+    assert not pruner.settled(table, now=10.9)
+    assert pruner.settled(table, now=11.0)
 
 
 def test_a_node_with_two_candidate_parents_hears_from_the_one_with_the_smaller_id() -> None:

@@ -147,6 +147,9 @@ PRUNED_FLOOD_SETTLE_S = 1.0
 # search from itself, each sibling and their neighbours, and keeps an entry per origin; the
 # simulator, which holds every node in one process, cannot afford that for 10,000 nodes.
 PRUNED_FLOOD_MAX_NODES = 512
+# A node that took part in an anti-entropy repair (sent or answered a digest) floods in full
+# this long: a version was lost or held up on the way, and a tree has no second copy of it.
+PRUNED_FLOOD_AFTER_REPAIR_S = 10.0
 # A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
 # live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
 RIVAL_OUTBID_INTERVAL_S = 5.0
@@ -1182,6 +1185,7 @@ class Core:
         if not self._may_send_digest(sib, now):
             return []  # the mismatch count stands: the first ping after the interval sends it
         sib.hash_mismatches = 0
+        self._pruner.stand_down(now, PRUNED_FLOOD_AFTER_REPAIR_S)
         return [Send(sib.endpoint, DigestMsg(self.id, self.config.nonce, self.table.digest(),
                                              True))]
 
@@ -1202,6 +1206,7 @@ class Core:
             self.counters["digests_limited"] += 1
             return []
         sib.digest_handled_at = now
+        self._pruner.stand_down(now, PRUNED_FLOOD_AFTER_REPAIR_S)
         out = self._on_digest(msg.entries, False, sib)
         if msg.reply and self.table.lacks_any_of(msg.entries) and self._may_send_digest(sib, now):
             out.append(Send(sib.endpoint,

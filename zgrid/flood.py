@@ -22,13 +22,16 @@ wherever they may not:
 
 Views that differ without X noticing cost a delay, not the version: pings compare table
 hashes, and the digest exchange they trigger repairs what a pruned flood missed. So does a
-version lost on the way (a tree has no second copy to fall back on).
+version lost on the way: a tree has no second copy to fall back on, so a node that takes part
+in a repair floods in full for a while (`stand_down`), and where links keep losing messages
+the grid keeps the redundancy of a full flood.
 
 What it must never do: decide what is stored or sent (the core does), or do I/O.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,13 +60,14 @@ class FloodPlan:
 class FloodPruner:
     """The current `FloodPlan` of one node, or None while its topology is not settled."""
 
-    __slots__ = ("_moved_at", "_plan", "_version", "max_nodes", "settle_s")
+    __slots__ = ("_full_until", "_moved_at", "_plan", "_version", "max_nodes", "settle_s")
 
     def __init__(self, max_nodes: int, settle_s: float) -> None:
         self.max_nodes = max_nodes
         self.settle_s = settle_s
         self._version = -1
         self._moved_at = 0.0
+        self._full_until = -math.inf
         self._plan: FloodPlan | None = None
 
     def note(self, table: AdvertTable, now: float) -> None:
@@ -74,11 +78,17 @@ class FloodPruner:
             self._moved_at = now
             self._plan = None
 
+    def stand_down(self, now: float, hold_s: float) -> None:
+        """Flood in full for `hold_s`: the node took part in an anti-entropy repair, so
+        something was lost or held up on the way, and a tree has no second copy."""
+        self._full_until = max(self._full_until, now + hold_s)
+
     def settled(self, table: AdvertTable, now: float) -> bool:
-        """Whether the flood may be pruned now: the topology has not moved for `settle_s`
-        and the island is small enough. Cheap: what every message with news asks first."""
+        """Whether the flood may be pruned now: the topology has not moved for `settle_s`,
+        no repair asked for a full flood, and the island is small enough. Cheap: what every
+        message with news asks first."""
         self.note(table, now)
-        return (now - self._moved_at >= self.settle_s
+        return (now - self._moved_at >= self.settle_s and now >= self._full_until
                 and len(table.island(now)) <= self.max_nodes)
 
     def plan(self, table: AdvertTable, siblings: Sequence[str], now: float
