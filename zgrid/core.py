@@ -149,7 +149,7 @@ PRUNED_FLOOD_SETTLE_S = 1.0
 PRUNED_FLOOD_MAX_NODES = 512
 # A node that took part in an anti-entropy repair (sent or answered a digest) floods in full
 # this long: a version was lost or held up on the way, and a tree has no second copy of it.
-PRUNED_FLOOD_AFTER_REPAIR_S = 10.0
+PRUNED_FLOOD_AFTER_REPAIR_S = 2.0
 # A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
 # live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
 RIVAL_OUTBID_INTERVAL_S = 5.0
