@@ -10,9 +10,11 @@ A received advert replaces the stored one iff its version is greater, so the tab
 whatever order messages arrive in, and duplicates are harmless.
 
 Flooding: an advert that was new to us is queued in the outbox of every UP sibling except the
-one it came from. Outboxes are keyed by origin, so a burst of changes from one origin coalesces
-to its newest version; `flush()` (called by the runtime once its mailbox is drained) sends one
-batched `adverts` message per sibling.
+one it came from; once our topology has settled, only in those of the siblings whose parent we
+are in the shortest-path tree of its origin (zgrid/flood.py says when, and why that is safe).
+Outboxes are keyed by origin, so a burst of changes from one origin coalesces to its newest
+version; `flush()` (called by the runtime once its mailbox is drained) sends one batched
+`adverts` message per sibling.
 
 Links: `link` makes us send HELLO; the receiver dials back and answers with a HELLO ack. A
 HELLO is a claim, not a proof: a request carries a token only the node at the dialed endpoint

@@ -2,7 +2,8 @@
 
 What it is for: it stores at most one advert per origin (the newest version seen), keeps an
 order-independent hash of its versions (what pings compare), and derives the node's *island*
-(everything reachable over two-way edges) and the island's exact totals. It also forgets
+(everything reachable over two-way edges), the island's exact totals, and the hop counts the
+pruned flood compares (`hops_from`, `links_version`). It also forgets
 origins that stayed unreachable for long, leaving tombstones so that a stale copy still
 travelling the grid cannot bring them back.
 
