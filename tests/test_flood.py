@@ -31,7 +31,8 @@ def settled_grid(edges: list[tuple[int, int]], seed: int = 1) -> Simulator:
 
 
 def _off_ping(t: float) -> float:
-    return math.floor(t / PING_INTERVAL_S) * PING_INTERVAL_S + OFF_PING_S
+    """The first instant at or after `t` that is OFF_PING_S past a ping round."""
+    return math.ceil((t - OFF_PING_S) / PING_INTERVAL_S) * PING_INTERVAL_S + OFF_PING_S
 
 
 def adverts_for_change(sim: Simulator, i: int, production: float) -> int:
