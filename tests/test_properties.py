@@ -186,19 +186,31 @@ def test_after_any_faults_and_healing_every_component_agrees_on_the_exact_total(
             assert core.totals(sim.now)[0].hex() == expected.hex()
 
 
-@given(grid=grids(min_nodes=2, connected=True),
-       sets=st.lists(st.tuples(st.integers(0, MAX_NODES - 1), powers,
-                               st.sampled_from([0.0, 1e-5, 1e-4, 1e-3])), min_size=1, max_size=12))
-def test_each_change_crosses_each_link_direction_at_most_once(
-        grid: Grid, sets: list[tuple[int, float, float]]) -> None:
-    sim = start(grid, track_crossings=True)
-    digests_before = sum(c.counters["digests_sent"] for c in sim.cores if c is not None)
+# (node, production, virtual seconds to the next set): changes close enough to overlap.
+change_sets = st.lists(st.tuples(st.integers(0, MAX_NODES - 1), powers,
+                                 st.sampled_from([0.0, 1e-5, 1e-4, 1e-3])),
+                       min_size=1, max_size=12)
+
+
+def make_changes(sim: Simulator, grid: Grid, sets: list[tuple[int, float, float]]) -> int:
+    """Make the changes, tracked, and let them settle; the digests sent meanwhile."""
+    def digests() -> int:
+        return sum(c.counters["digests_sent"] for c in sim.cores if c is not None)
+
+    before = digests()
     for i, p, gap in sets:
         sim.set_value(i % grid.n, p, None, track=True)
         sim.run_until(sim.now + gap)
     sim.run_until(sim.now + 0.05)
     assert sim.all_changes_settled()
-    digests = sum(c.counters["digests_sent"] for c in sim.cores if c is not None) - digests_before
+    return digests() - before
+
+
+@given(grid=grids(min_nodes=2, connected=True), sets=change_sets)
+def test_each_change_crosses_each_link_direction_at_most_once(
+        grid: Grid, sets: list[tuple[int, float, float]]) -> None:
+    sim = start(grid, track_crossings=True)
+    digests = make_changes(sim, grid, sets)
     edges = len(grid.edges)
     repairs_allowed = 0 if digests == 0 else 2 * edges * digests
     for change in sim.changes:
@@ -212,21 +224,14 @@ def test_each_change_crosses_each_link_direction_at_most_once(
     assert sim.check_agreement(strict=True).agreed
 
 
-@given(grid=grids(min_nodes=2, connected=True),
-       sets=st.lists(st.tuples(st.integers(0, MAX_NODES - 1), powers,
-                               st.sampled_from([0.0, 1e-5, 1e-4, 1e-3])), min_size=1, max_size=12))
+@given(grid=grids(min_nodes=2, connected=True), sets=change_sets)
 def test_in_a_settled_grid_a_change_reaches_each_node_once_along_a_shortest_path(
         grid: Grid, sets: list[tuple[int, float, float]]) -> None:
     sim = start(grid)
     sim.run_until(sim.now + SETTLE_S)
-    digests_before = sum(c.counters["digests_sent"] for c in sim.cores if c is not None)
-    for i, p, gap in sets:
-        sim.set_value(i % grid.n, p, None, track=True)
-        sim.run_until(sim.now + gap)
-    sim.run_until(sim.now + 0.05)
-    assert sim.all_changes_settled()
+    digests = make_changes(sim, grid, sets)
     assert sim.check_agreement(strict=True).agreed
-    if sum(c.counters["digests_sent"] for c in sim.cores if c is not None) != digests_before:
+    if digests:
         return  # a repair ran: its adverts are counted too
     graph = nx.Graph(grid.edges)
     graph.add_nodes_from(range(grid.n))
