@@ -1074,9 +1074,10 @@ class Core:
         verify = None if self._seal is None else self._seal.verify
         own_id, by_id = self.id, self._by_id
         came_back = sib.outbox
-        forward: list[dict[str, Advert]] | None = None  # the other up siblings' outboxes
+        # The other UP siblings' outboxes, each with its bit in the pruned flood's plan (-1:
+        # the plan cannot place it); None until a version new to us needs them.
+        targets: list[tuple[int, dict[str, Advert]]] | None = None
         plan: FloodPlan | None = None
-        targets: list[tuple[int, dict[str, Advert]]] = []  # (bit in the plan or -1, outbox)
         accepted = ignored = unverified = 0
         for a in adverts:
             origin = a.origin
@@ -1093,15 +1094,18 @@ class Core:
             merged = table.merge(a, verify)
             if merged is Merge.NEW:
                 accepted += 1
-                if forward is None:
-                    forward, plan, targets = self._flood_targets(sib, now)
+                if targets is None:
+                    plan, targets = self._flood_targets(sib, now)
                 elif plan is not None and plan.version != table.links_version:
                     plan = None  # this advert moved the topology: the plan is for the old one
-                if plan is None or not plan.sender_is_nearer(sib.id, origin):
-                    for outbox in forward:  # in full: see zgrid/flood.py for when
+                # -1 (every bit set): in full, for the cases zgrid/flood.py gives.
+                children = (plan.children.get(origin, -1)
+                            if plan is not None and plan.sender_is_nearer(sib.id, origin)
+                            else -1)
+                if children == -1:
+                    for _, outbox in targets:
                         outbox[origin] = a
                 else:
-                    children = plan.children.get(origin, -1)
                     for bit, outbox in targets:
                         if bit < 0 or (children >> bit) & 1:
                             outbox[origin] = a
@@ -1131,22 +1135,19 @@ class Core:
         return out
 
     def _flood_targets(self, sender: Sibling, now: float
-                       ) -> tuple[list[dict[str, Advert]], FloodPlan | None,
-                                  list[tuple[int, dict[str, Advert]]]]:
-        """Where a version new to us goes: the outboxes of the UP siblings but `sender`, and
-        the pruned flood's plan (None: flood in full) with each outbox's bit in it."""
+                       ) -> tuple[FloodPlan | None, list[tuple[int, dict[str, Advert]]]]:
+        """Where a version new to us may go: the pruned flood's plan (None: flood in full), and
+        the outboxes of the UP siblings but `sender`, each with its bit in the plan (-1: none)."""
         up = [s for s in self.siblings.values() if s.state is LinkState.UP]
-        forward = [s.outbox for s in up if s is not sender]
         pruner = self._pruner
+        # Asked first, so that a grid that floods in full (a cold start, a large island) builds
+        # no id tuple per message.
         if not self.config.pruned_flood_max_nodes or not pruner.settled(self.table, now):
-            return forward, None, []
+            return None, [(-1, s.outbox) for s in up if s is not sender]
         plan = pruner.plan(self.table, tuple(s.id for s in up if s.id is not None), now)
-        if plan is None:
-            return forward, None, []
-        bits = plan.bit
-        targets = [(bits.get(s.id, -1) if s.id is not None else -1, s.outbox)
-                   for s in up if s is not sender]
-        return forward, plan, targets
+        bits = plan.bit if plan is not None else {}
+        return plan, [(bits.get(s.id, -1) if s.id is not None else -1, s.outbox)
+                      for s in up if s is not sender]
 
     def _may_introduce(self, sib: Sibling, now: float) -> bool:
         """Whether `sib` may give us one more origin we have never heard of. Each sibling may

@@ -85,8 +85,8 @@ class FloodPruner:
 
     def settled(self, table: AdvertTable, now: float) -> bool:
         """Whether the flood may be pruned now: the topology has not moved for `settle_s`,
-        no repair asked for a full flood, and the island is small enough. Cheap: what every
-        message with news asks first."""
+        no repair asked for a full flood, and the island is small enough. Cheap: every
+        message with news asks it (through `plan`)."""
         self.note(table, now)
         return (now - self._moved_at >= self.settle_s and now >= self._full_until
                 and len(table.island(now)) <= self.max_nodes)

@@ -78,7 +78,7 @@ class Merge(Enum):
 class AdvertTable:
     """The adverts one node holds, keyed by origin. `owner` is the node holding the table."""
 
-    __slots__ = ("_adverts", "_island", "_island_dirty", "_offers_changed", "_tombstones",
+    __slots__ = ("_adverts", "_island", "_island_version", "_offers_changed", "_tombstones",
                  "_units_consumption", "_units_production", "_unreachable_since", "evicted",
                  "hash", "links_version", "max_nodes", "owner")
 
@@ -90,7 +90,8 @@ class AdvertTable:
         self.links_version = 0  # grows whenever some advert's links (the topology) changed
         self._adverts: dict[str, Advert] = {}
         self._island: frozenset[str] = frozenset({owner})
-        self._island_dirty = True
+        # The links_version `_island` (and its totals) was derived at: stale when they differ.
+        self._island_version = -1
         self._units_production = 0
         self._units_consumption = 0
         self._unreachable_since: dict[str, float] = {}
@@ -124,8 +125,9 @@ class AdvertTable:
         copy.hash = self.hash
         copy._adverts = dict(self._adverts)
         copy._tombstones = dict(self._tombstones)
-        if not self._island_dirty and owner in self._island:
-            copy._island, copy._island_dirty = self._island, False
+        copy.links_version = self.links_version
+        if self._island_version == self.links_version and owner in self._island:
+            copy._island, copy._island_version = self._island, self._island_version
             copy._units_production = self._units_production
             copy._units_consumption = self._units_consumption
         return copy
@@ -258,16 +260,14 @@ class AdvertTable:
             self._tombstones.pop(origin, None)
             self.hash ^= a.version_hash()
             if a.links:
-                self._island_dirty = True
                 self.links_version += 1
             return
         if a.flex is not old.flex and _offer_moved(a.flex, old.flex):
             self._offers_changed.add(origin)
         self.hash ^= old.version_hash() ^ a.version_hash()
         if old.links != a.links:
-            self._island_dirty = True
             self.links_version += 1
-        elif not self._island_dirty and origin in self._island:
+        elif self._island_version == self.links_version and origin in self._island:
             # Most new versions move one value (or only an offer or activation): skip the rest.
             if a.production != old.production:
                 self._units_production += (exact_units(a.production)
@@ -285,7 +285,6 @@ class AdvertTable:
             self.hash ^= entry_hash(old)
             self._unreachable_since.pop(origin, None)
             self._offers_changed.add(origin)
-            self._island_dirty = True
             self.links_version += 1
         self._tombstones[origin] = ((MAX_COUNTER, MAX_COUNTER), now)
 
@@ -298,7 +297,6 @@ class AdvertTable:
         self.hash ^= entry_hash(old)
         self._unreachable_since.pop(origin, None)
         self._offers_changed.add(origin)
-        self._island_dirty = True
         self.links_version += 1
 
     def forget(self, now: float, forget_after_s: float) -> list[str]:
@@ -342,14 +340,14 @@ class AdvertTable:
     def island(self, now: float) -> frozenset[str]:
         """The owner and every origin reachable from it over two-way edges (both adverts list
         each other), recomputed only after some advert's links changed."""
-        if not self._island_dirty:
+        if self._island_version == self.links_version:
             return self._island
         adverts = self._adverts
         seen = {self.owner}
         self._reach(self.owner, seen)
         island = frozenset(seen)
         self._island = _SHARED_ISLANDS.setdefault(island, island)
-        self._island_dirty = False
+        self._island_version = self.links_version
         self._units_production = sum(exact_units(adverts[x].production)
                                      for x in seen if x in adverts)
         self._units_consumption = sum(exact_units(adverts[x].consumption)
