@@ -220,8 +220,10 @@ class Simulator:
         self.observers: tuple[Observer, ...] = ()
         # Bound delivery hooks, for the hot path: of observers that only look at a delivery
         # (`notify`), and (before, after) of those that also want to see its outcome.
-        self._notify_hooks: tuple[Callable[..., object], ...] = ()
-        self._paired_hooks: tuple[tuple[Callable[..., object], Callable[..., None]], ...] = ()
+        # The observers whose delivery hooks run: `before_deliver` only, and both. Observers,
+        # not bound methods: compiled, a method call on one is a direct (vtable) call.
+        self._notified: tuple[Observer, ...] = ()
+        self._paired: tuple[Observer, ...] = ()
         self.convergence: Convergence | None = None
         self.trace: TraceHash | None = None
         if measure:
@@ -247,11 +249,11 @@ class Simulator:
         wants_outcome = [type(o).after_deliver is not Observer.after_deliver
                          for o in self.observers]
         # An observer that looks at no delivery at all (the day's NetMeter) costs none.
-        self._notify_hooks = tuple(
-            o.before_deliver for o, paired in zip(self.observers, wants_outcome, strict=True)
+        self._notified = tuple(
+            o for o, paired in zip(self.observers, wants_outcome, strict=True)
             if not paired and type(o).before_deliver is not Observer.before_deliver)
-        self._paired_hooks = tuple((o.before_deliver, o.after_deliver) for o, paired in
-                                   zip(self.observers, wants_outcome, strict=True) if paired)
+        self._paired = tuple(o for o, paired in zip(self.observers, wants_outcome, strict=True)
+                             if paired)
         return observer
 
     # ------------------------------------------------------------------ scheduling
@@ -588,22 +590,22 @@ class Simulator:
         else:
             frame = None
             msg, size = payload
-        for notify in self._notify_hooks:
-            notify(t, dst, src, msg, size, frame)
-        paired = self._paired_hooks
+        for observer in self._notified:
+            observer.before_deliver(t, dst, src, msg, size, frame)
+        paired = self._paired
         if not paired:
             self._handle(dst, self._to_core(core, sender, msg, src))
             return
         if len(paired) == 1:  # the usual case (Convergence): no lists on the hot path
-            before, after = paired[0]
-            token = before(t, dst, src, msg, size, frame)
+            only = paired[0]
+            token = only.before_deliver(t, dst, src, msg, size, frame)
             self._handle(dst, self._to_core(core, sender, msg, src))
-            after(t, dst, src, msg, token)
+            only.after_deliver(t, dst, src, msg, token)
             return
-        tokens = [before(t, dst, src, msg, size, frame) for before, _ in paired]
+        tokens = [o.before_deliver(t, dst, src, msg, size, frame) for o in paired]
         self._handle(dst, self._to_core(core, sender, msg, src))
-        for (_, after), token in zip(paired, tokens, strict=True):
-            after(t, dst, src, msg, token)
+        for observer, token in zip(paired, tokens, strict=True):
+            observer.after_deliver(t, dst, src, msg, token)
 
     def _to_core(self, core: Core, sender: ClientId, message: wire.Message | ProtocolError,
                  src: int) -> list[Effect]:

@@ -211,7 +211,7 @@ class Convergence(Observer):
             return self._before_cold_start(dst, msg) if track_all else None
         core = self.sim.cores[dst]
         assert core is not None
-        table = core.table.by_origin
+        table = core.table  # its own get, not the by_origin view: a compiled call, no proxy
         own = self.own
         index = self.sim.index
         share = size / len(msg.adverts) if msg.adverts else 0.0
@@ -252,13 +252,13 @@ class Convergence(Observer):
         with --wire full the receivers of one frame share its decoded adverts."""
         core = self.sim.cores[dst]
         assert core is not None
-        table_get = core.table.by_origin.get
+        table = core.table  # called as a method: compiled, a direct call (a bound one is not)
         index_get = self.sim.index.get
         own = self.own
         candidates: list[_Candidate] = []
         for a in msg.adverts:
             origin = a.origin
-            old = table_get(origin)
+            old = table.get(origin)
             if old is a:
                 continue  # it holds this very advert already: nothing can change
             o = index_get(origin)
@@ -283,7 +283,7 @@ class Convergence(Observer):
             # Count the candidates the receiver now holds (it may have ignored the message).
             core = self.sim.cores[dst]
             assert core is not None
-            table = core.table.by_origin
+            table = core.table
             own, held_count, active = self.own, self.held_count, self.active
             for o, origin, cur in candidates:
                 new = table.get(origin)
@@ -326,18 +326,22 @@ class Convergence(Observer):
 
 def _reach(sim: Simulator, i: int) -> tuple[int, int]:
     """(size of i's component, eccentricity of i in it): one BFS, O(component)."""
-    depth = {i: 0}
+    depth = [-1] * sim.n  # a list, not a dict: compiled, unboxed index reads and writes
+    depth[i] = 0
     queue = deque([i])
+    size = eccentricity = 0
     cores, frozen, adjacency, network = sim.cores, sim.frozen, sim.adjacency, sim.network
     while queue:
         x = queue.popleft()
-        dx = depth[x] + 1
+        size += 1
+        dx = depth[x]
+        eccentricity = dx  # breadth first: the last node taken is among the farthest
         for y in adjacency[x]:
-            if (y not in depth and cores[y] is not None and not frozen[y]
+            if (depth[y] < 0 and cores[y] is not None and not frozen[y]
                     and not network.is_cut(x, y)):
-                depth[y] = dx
+                depth[y] = dx + 1
                 queue.append(y)
-    return len(depth), max(depth.values())
+    return size, eccentricity
 
 
 # --------------------------------------------------------------------------------- agreement
