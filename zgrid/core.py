@@ -1150,9 +1150,12 @@ class Core:
                 unverified += 1
             elif merged is Merge.FULL:
                 ignored += 1
-        counters["adverts_accepted"] += accepted
-        counters["ignored"] += ignored
-        counters["bad_signatures"] += unverified
+        if accepted:  # most messages of a flood bring nothing new: no dict writes then
+            counters["adverts_accepted"] += accepted
+        if ignored:
+            counters["ignored"] += ignored
+        if unverified:
+            counters["bad_signatures"] += unverified
         out = self._save_incarnation()
         if counters["bad_signatures"] != bad_signatures:
             out.extend(self._log_bad_signatures(msg.sender, now))

@@ -19,7 +19,6 @@ core does), or do I/O of any kind. Time comes in as an argument.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from types import MappingProxyType
@@ -33,11 +32,23 @@ _UNIT_SCALE = 1 << UNIT_EXPONENT
 
 # Cached: a flood hands the same value to every node, and a simulator holds thousands of
 # nodes in one process; the conversion (a 1074-bit shift) is most of a merge's arithmetic.
-@functools.lru_cache(maxsize=1 << 16)
+# A plain dict, emptied when full: functools.lru_cache's bookkeeping cost more than the
+# conversion it saved (5 % of a simulation's instructions). 0.0 and -0.0 share an entry,
+# and their units (0).
+UNITS_CACHE_MAX_VALUES = 1 << 16
+_units_cache: dict[float, int] = {}
+
+
 def exact_units(kw: float) -> int:
     """A finite double as an exact integer number of 2**-1074 kW."""
-    numerator, denominator = kw.as_integer_ratio()
-    return numerator << (UNIT_EXPONENT + 1 - denominator.bit_length())
+    units = _units_cache.get(kw)
+    if units is None:
+        numerator, denominator = kw.as_integer_ratio()
+        units = numerator << (UNIT_EXPONENT + 1 - denominator.bit_length())
+        if len(_units_cache) >= UNITS_CACHE_MAX_VALUES:
+            _units_cache.clear()
+        _units_cache[kw] = units
+    return units
 
 
 def from_units(units: int) -> float:
