@@ -522,6 +522,7 @@ def _same_items(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
 _CONTROL_REQUESTS = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
                      NodesRequest, GraphRequest, WatchRequest)
 _PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
+_PEER_MESSAGE_TYPES: Final = frozenset(_PEER_MESSAGES)
 _CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
 
@@ -782,7 +783,10 @@ class Core:
         authenticated with (None: unknown or no keys). Decides whether it is sibling or control
         traffic, and whether the sender may talk.
         """
-        from_peer = isinstance(message, _PEER_MESSAGES) or (
+        # By exact type, a set lookup: this runs for every message, and isinstance() against a
+        # tuple of classes is a generic call when compiled (messages are never subclassed).
+        peer_message = type(message) in _PEER_MESSAGE_TYPES
+        from_peer = peer_message or (
             isinstance(message, ProtocolError) and message.message_type in PEER_TYPES)
         if sender == ON_OUR_DEALER and not from_peer:  # nobody there to answer: a bad frame
             if not isinstance(message, ProtocolError):
@@ -799,8 +803,8 @@ class Core:
             return self._bad_frame(sender, error, from_peer, now)
         if isinstance(message, ProtocolError):
             return self._bad_frame(sender, message, from_peer, now)
-        if isinstance(message, _PEER_MESSAGES):
-            return self._receive(message, now, authenticated_as, sender)
+        if peer_message:
+            return self._receive(message, now, authenticated_as, sender)  # type: ignore[arg-type]
         if isinstance(message, _CONTROL_REQUESTS):
             return self._request(sender, message, now, authenticated_as)
         error = ProtocolError(f"a node does not accept {type(message).__name__} messages",
