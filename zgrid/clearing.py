@@ -70,12 +70,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import pairwise
 from types import MappingProxyType
+from typing import Final
 
 from zgrid.table import exact_units, from_units
 
-PRICE_SCALE_MILLI = 1000  # prices are compared and hashed in integer thousandths
-HASH_DIGEST_BYTES = 8
-HASH_DOMAIN = b"zgrid-clearing-v1\n"
+PRICE_SCALE_MILLI: Final = 1000  # prices are compared and hashed in integer thousandths
+HASH_DIGEST_BYTES: Final = 8
+HASH_DOMAIN: Final = b"zgrid-clearing-v1\n"
 
 
 class Direction(StrEnum):
@@ -288,7 +289,7 @@ def _marginal_shares(group: Mapping[str, int], need: int, group_flex: int) -> di
 # A flood hands the same offer to every node it reaches, and a simulator runs a thousand nodes
 # in one process: the exact conversion (two big-integer roundings, two 1074-bit shifts) is then
 # done once per offer rather than once per node.
-_NOTHING_HELD = (0, 0, 0, 0)  # a book entry offering no units either way
+_NOTHING_HELD: Final = (0, 0, 0, 0)  # a book entry offering no units either way
 
 
 @functools.lru_cache(maxsize=1 << 14)

@@ -135,48 +135,53 @@ from zgrid.wire import (
 # battery's new offer) land over a few flood times, and applying each intermediate clearing
 # made most activated nodes re-advertise twice per change (measured in the simulated day).
 # Short against AGC's 2-4 s.
-BALANCE_HOLDOFF_S = 0.002
-HELLO_RETRY_MIN_S = 0.01  # the first HELLO on a fresh connection is often dropped (IMMEDIATE)
-HELLO_RETRY_MAX_S = 1.0
-REFUSED_RETRY_S = 5.0  # a refused link is retried slowly: the id may become free
-WATCH_LEASE_S = 5.0  # a watch client re-sends `watch` more often than this to stay subscribed
-BAD_FRAME_LOG_INTERVAL_S = 10.0  # at most one log line per interval about bad frames
-HASH_MISMATCHES_BEFORE_DIGEST = 2  # one mismatch is normal while a flood is in flight
+BALANCE_HOLDOFF_S: Final = 0.002
+# The first HELLO on a fresh connection is often dropped (IMMEDIATE)
+HELLO_RETRY_MIN_S: Final = 0.01
+HELLO_RETRY_MAX_S: Final = 1.0
+REFUSED_RETRY_S: Final = 5.0  # a refused link is retried slowly: the id may become free
+# A watch client re-sends `watch` more often than this to stay subscribed
+WATCH_LEASE_S: Final = 5.0
+BAD_FRAME_LOG_INTERVAL_S: Final = 10.0  # at most one log line per interval about bad frames
+HASH_MISMATCHES_BEFORE_DIGEST: Final = 2  # one mismatch is normal while a flood is in flight
 # The pruned flood (zgrid/flood.py) waits until a node's topology has not moved for this long:
 # until then the nodes' views may differ, and a full flood does not depend on them.
-PRUNED_FLOOD_SETTLE_S = 1.0
+PRUNED_FLOOD_SETTLE_S: Final = 1.0
 # Above this island size the flood goes over every link. A node's plan takes a breadth-first
 # search from itself, each sibling and their neighbours, and keeps an entry per origin; the
 # simulator, which holds every node in one process, cannot afford that for 10,000 nodes.
-PRUNED_FLOOD_MAX_NODES = 512
+PRUNED_FLOOD_MAX_NODES: Final = 512
 # A node that took part in an anti-entropy repair (sent or answered a digest) floods in full
 # this long: a version was lost or held up on the way, and a tree has no second copy of it.
-PRUNED_FLOOD_AFTER_REPAIR_S = 2.0
+PRUNED_FLOOD_AFTER_REPAIR_S: Final = 2.0
 # A rival writing our id (a live duplicate, or a forger) is outbid at most this often, so two
 # live duplicates cannot start a bump war, yet a forgery is always outbid once it stops.
-RIVAL_OUTBID_INTERVAL_S = 5.0
-MAX_RIVALS_REMEMBERED = 1024  # foreign nonces seen writing our id (oldest forgotten first)
-BAD_SIGNATURE_LOG_INTERVAL_S = 10.0
+RIVAL_OUTBID_INTERVAL_S: Final = 5.0
+MAX_RIVALS_REMEMBERED: Final = 1024  # foreign nonces seen writing our id (oldest forgotten first)
+BAD_SIGNATURE_LOG_INTERVAL_S: Final = 10.0
 # While saves fail, one is retried this often, so storage health and changes recover by
 # themselves once the disk has room again (a save costs one fsync: cheap at this rate).
-STORAGE_RETRY_S = 2.0
-STORAGE_LOG_INTERVAL_S = 30.0  # at most one log line per interval while saves keep failing
-STORAGE_FAILING = "storage_failing"  # the error code of a change refused because it cannot be saved
+STORAGE_RETRY_S: Final = 2.0
+STORAGE_LOG_INTERVAL_S: Final = 30.0  # at most one log line per interval while saves keep failing
+# The error code of a change refused because it cannot be saved
+STORAGE_FAILING: Final = "storage_failing"
 # What one peer's frames may cost us (issue 8: one frame must never take a node down).
-MAX_REFUSALS_PER_WINDOW = 16  # refusal BYEs (each a one-shot send) per window; the rest dropped
-REFUSAL_WINDOW_S = 1.0
-REFUSAL_LOG_INTERVAL_S = 10.0  # at most one log line per interval about refused links
+# Refusal BYEs (each a one-shot send) per window; the rest dropped.
+MAX_REFUSALS_PER_WINDOW: Final = 16
+REFUSAL_WINDOW_S: Final = 1.0
+REFUSAL_LOG_INTERVAL_S: Final = 10.0  # at most one log line per interval about refused links
 # A sibling made by an inbound HELLO must prove, by answering our own HELLO, that it receives
 # at the endpoint it claims; until then it is kept in memory only, and only this long.
-UNPROVED_SIBLING_TTL_S = 5.0
-MAX_UNPROVED_SIBLINGS = 16  # besides the MAX_LINKS_PER_ADVERT siblings an operator may keep
-MAX_UNLINKED_REMEMBERED = 256  # unlinked nodes whose HELLOs we answer `bye unlinked` (oldest out)
+UNPROVED_SIBLING_TTL_S: Final = 5.0
+MAX_UNPROVED_SIBLINGS: Final = 16  # besides the MAX_LINKS_PER_ADVERT siblings an operator may keep
+# Unlinked nodes whose HELLOs we answer `bye unlinked` (oldest out)
+MAX_UNLINKED_REMEMBERED: Final = 256
 # One sibling may fill at most this share of the table with origins our island cannot reach
 # (a forged flood), so that real nodes always find room; counted again at most every interval.
-UNREACHABLE_SHARE_PER_SIBLING = 0.25
-INTRODUCED_RECOUNT_INTERVAL_S = 1.0
-_REVOKED = "revoked: its key is no longer in the keys directory"
-_UNPROVED = "asked to link; waiting for it to answer our HELLO from its endpoint"
+UNREACHABLE_SHARE_PER_SIBLING: Final = 0.25
+INTRODUCED_RECOUNT_INTERVAL_S: Final = 1.0
+_REVOKED: Final = "revoked: its key is no longer in the keys directory"
+_UNPROVED: Final = "asked to link; waiting for it to answer our HELLO from its endpoint"
 
 
 class LinkState(StrEnum):
@@ -188,7 +193,7 @@ class LinkState(StrEnum):
 
 # Which link state may follow which. UP -> UP is a sibling's restart (a new nonce), REFUSED ->
 # DOWN a revoked member whose key came back, REFUSED -> REFUSED a refusal for a new reason.
-TRANSITIONS: Mapping[LinkState, frozenset[LinkState]] = {
+TRANSITIONS: Final[Mapping[LinkState, frozenset[LinkState]]] = {
     LinkState.CONNECTING: frozenset({LinkState.UP, LinkState.REFUSED}),
     LinkState.UP: frozenset({LinkState.UP, LinkState.DOWN, LinkState.REFUSED}),
     LinkState.DOWN: frozenset({LinkState.UP, LinkState.REFUSED}),
@@ -206,7 +211,7 @@ class LogLevel(StrEnum):
 ClientId: TypeAlias = tuple[bytes, ...]  # the routing envelope a message arrived with, opaque
 # The "envelope" of a message that arrived on one of our DEALERs: a sibling answered over the
 # connection we dialed to it (see `Route`). No reply can go back but over that DEALER.
-ON_OUR_DEALER: ClientId = ()
+ON_OUR_DEALER: Final[ClientId] = ()
 
 
 class Seal(Protocol):
@@ -519,14 +524,14 @@ def _same_items(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
     return len(a) == len(b) and all(a[i] is b[i] for i in range(len(a)))
 
 
-_CONTROL_REQUESTS = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
+_CONTROL_REQUESTS: Final = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
                      NodesRequest, GraphRequest, WatchRequest)
-_PEER_MESSAGES = (Hello, Adverts, DigestMsg, Ping, Bye)
+_PEER_MESSAGES: Final = (Hello, Adverts, DigestMsg, Ping, Bye)
 _PEER_MESSAGE_TYPES: Final = frozenset(_PEER_MESSAGES)
-_CHANGING_REQUESTS = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
+_CHANGING_REQUESTS: Final = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
 
-_UNSEEN = object()  # an origin whose offer the book never held (unlike None: it holds none)
+_UNSEEN: Final = object()  # an origin whose offer the book never held (unlike None: it holds none)
 
 
 def _flex_body(f: Flex) -> dict[str, float]:

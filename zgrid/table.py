@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from types import MappingProxyType
+from typing import Final
 from weakref import WeakValueDictionary
 
 from zgrid.wire import MAX_COUNTER, Advert, Digest, Flex
 
-UNIT_EXPONENT = 1074  # 2**-1074 is the smallest positive double
-_UNIT_SCALE = 1 << UNIT_EXPONENT
+UNIT_EXPONENT: Final = 1074  # 2**-1074 is the smallest positive double
+_UNIT_SCALE: Final = 1 << UNIT_EXPONENT
 
 
 # Cached: a flood hands the same value to every node, and a simulator holds thousands of
@@ -35,7 +36,7 @@ _UNIT_SCALE = 1 << UNIT_EXPONENT
 # A plain dict, emptied when full: functools.lru_cache's bookkeeping cost more than the
 # conversion it saved (5 % of a simulation's instructions). 0.0 and -0.0 share an entry,
 # and their units (0).
-UNITS_CACHE_MAX_VALUES = 1 << 16
+UNITS_CACHE_MAX_VALUES: Final = 1 << 16
 _units_cache: dict[float, int] = {}
 
 
@@ -73,7 +74,7 @@ def _offer_moved(new: Flex | None, old: Flex | None) -> bool:
 # Every member of an island computes the same island. Where many tables live in one process
 # (the simulator: 10,000 nodes, each island a set of 10,000 ids, 5 GB if each kept its own
 # copy) they share one frozenset. Immutable, so sharing cannot change any result.
-_SHARED_ISLANDS: WeakValueDictionary[frozenset[str], frozenset[str]] = WeakValueDictionary()
+_SHARED_ISLANDS: Final[WeakValueDictionary[frozenset[str], frozenset[str]]] = WeakValueDictionary()
 
 
 class Merge(Enum):

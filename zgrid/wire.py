@@ -22,30 +22,32 @@ import msgpack
 
 from zgrid.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 
 # Limits. A frame larger than MAX_FRAME_BYTES is refused by ZeroMQ itself (ZMQ_MAXMSGSIZE);
 # the rest bound what a single well-formed frame can make a node hold in memory.
-MAX_FRAME_BYTES = 4 * 1024 * 1024
-MAX_ID_CHARS = 64
-MAX_ENDPOINT_CHARS = 256
-MAX_REASON_CHARS = 200
-MAX_LINKS_PER_ADVERT = 64
-MAX_ADVERTS_PER_MESSAGE = 200  # 200 worst-case adverts (64 links of 64 chars) stay under 1 MiB
-MAX_DIGEST_ENTRIES = 40_000
-MAX_POWER_KW = 1e9  # a terawatt: larger than any single participant of any real grid
-MAX_COUNTER = 2**63 - 1  # incarnation and seq: int64 so clients in any language can hold them
-MAX_NONCE = 2**64 - 1
-MAX_ABS_PRICE = 1e6  # per kWh: far beyond any market's price cap; catches kWh-vs-MWh typos
+MAX_FRAME_BYTES: Final = 4 * 1024 * 1024
+MAX_ID_CHARS: Final = 64
+MAX_ENDPOINT_CHARS: Final = 256
+MAX_REASON_CHARS: Final = 200
+MAX_LINKS_PER_ADVERT: Final = 64
+# 200 worst-case adverts (64 links of 64 chars) stay under 1 MiB
+MAX_ADVERTS_PER_MESSAGE: Final = 200
+MAX_DIGEST_ENTRIES: Final = 40_000
+MAX_POWER_KW: Final = 1e9  # a terawatt: larger than any single participant of any real grid
+# Incarnation and seq: int64 so clients in any language can hold them
+MAX_COUNTER: Final = 2**63 - 1
+MAX_NONCE: Final = 2**64 - 1
+MAX_ABS_PRICE: Final = 1e6  # per kWh: far beyond any market's price cap; catches kWh-vs-MWh typos
 # A unix socket path must fit sockaddr_un.sun_path (108 bytes on Linux, NUL included): a longer
 # ipc:// path makes ZeroMQ's connect fail, so it is refused as a value, before any socket exists.
-MAX_IPC_PATH_BYTES = 107
-SIGNATURE_BYTES = 64  # Ed25519
+MAX_IPC_PATH_BYTES: Final = 107
+SIGNATURE_BYTES: Final = 64  # Ed25519
 # Signed bytes start with this, so an advert signature can never be replayed as anything else.
-SIGNING_CONTEXT = b"zgrid-advert-v1\x00"
+SIGNING_CONTEXT: Final = b"zgrid-advert-v1\x00"
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-_ENDPOINT_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})|ipc://.+")
+_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_ENDPOINT_RE: Final = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):([0-9]{1,5})|ipc://.+")
 
 
 class MessageType(StrEnum):
@@ -108,7 +110,7 @@ class Flex:
         return self.flex_up_kw > 0 or self.flex_down_kw > 0
 
 
-NO_FLEX = Flex()
+NO_FLEX: Final = Flex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,12 +322,12 @@ class ViewUpdate:
 
 Message: TypeAlias = PeerMessage | ControlRequest | Reply | ViewUpdate
 
-PEER_TYPES = frozenset(
+PEER_TYPES: Final = frozenset(
     {MessageType.HELLO, MessageType.ADVERTS, MessageType.DIGEST, MessageType.PING, MessageType.BYE}
 )
 
 # The `t` each message class is sent with (the encoder's and the metrics' one table).
-MESSAGE_TYPES: Mapping[type, MessageType] = {
+MESSAGE_TYPES: Final[Mapping[type, MessageType]] = {
     Hello: MessageType.HELLO, Adverts: MessageType.ADVERTS, DigestMsg: MessageType.DIGEST,
     Ping: MessageType.PING, Bye: MessageType.BYE, StatusRequest: MessageType.STATUS,
     SetRequest: MessageType.SET, FlexRequest: MessageType.FLEX, LinkRequest: MessageType.LINK,
@@ -720,7 +722,7 @@ def _view(f: _Fields) -> ViewUpdate:
     return ViewUpdate({k: v for k, v in f.obj.items() if k not in ("v", "t", "ts")}, float(ts))
 
 
-_DECODERS: dict[MessageType, Any] = {
+_DECODERS: Final[dict[MessageType, Any]] = {
     MessageType.HELLO: _hello,
     MessageType.ADVERTS: _adverts,
     MessageType.DIGEST: _digest,
@@ -761,9 +763,9 @@ def _uint(value: Any, limit: int, fail: Fail) -> int:
 # Every advert repeats ids and endpoints the node has validated many times before (a grid has
 # at most MAX_DIGEST_ENTRIES nodes); remembering the valid ones spares the regex on the hot
 # path. Bounded, and only exact `str` values that passed the full check are remembered.
-_VALID_IDS: set[str] = set()
-_VALID_ENDPOINTS: set[str] = set()
-_MAX_REMEMBERED = 2 * MAX_DIGEST_ENTRIES
+_VALID_IDS: Final[set[str]] = set()
+_VALID_ENDPOINTS: Final[set[str]] = set()
+_MAX_REMEMBERED: Final = 2 * MAX_DIGEST_ENTRIES
 
 
 def check_node_id(value: Any, fail: Fail = _default_fail) -> str:

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from zgrid import wire
 from zgrid.core import (
@@ -82,20 +82,21 @@ from zgrid.sim.measurement import (
 from zgrid.sim.network import LinkModel, LinkStats, Network, Pair
 from zgrid.wire import Advert, Flex, LinkRequest, SetRequest, UnlinkRequest
 
-ENDPOINT_PORT = 7000
-CONTROL_CLIENT: ClientId = (b"zgrid-sim",)
-SAMPLE_EVERY_MESSAGES = 256  # --wire fast: encode+decode one message in this many
-PROGRESS_EVERY_EVENTS = 1 << 14
+ENDPOINT_PORT: Final = 7000
+CONTROL_CLIENT: Final[ClientId] = (b"zgrid-sim",)
+SAMPLE_EVERY_MESSAGES: Final = 256  # --wire fast: encode+decode one message in this many
+PROGRESS_EVERY_EVENTS: Final = 1 << 14
 # --wire full: equal frames decoded in a row; a sender's siblings get theirs within one latency.
-DECODE_CACHE_MAX_FRAMES = 4096
-MIN_TIMER_STEP_S = 1e-9  # guards against a timer that keeps asking to run at the same instant
-WIRE_MODES = ("full", "fast")
+DECODE_CACHE_MAX_FRAMES: Final = 4096
+# Guards against a timer that keeps asking to run at the same instant
+MIN_TIMER_STEP_S: Final = 1e-9
+WIRE_MODES: Final = ("full", "fast")
 # A DEALER whose peer went away reconnects as libzmq does with node.py's ZMQ_RECONNECT_IVL and
 # ZMQ_RECONNECT_IVL_MAX: a first attempt after 100 ms, each interval doubling up to 5 s (no
 # jitter: the simulation stays a function of its seed). Until one attempt finds the peer
 # listening again, sends over it are dropped (ZMQ_IMMEDIATE) or take the sibling's Route.
-RECONNECT_IVL_S = 0.1
-RECONNECT_IVL_MAX_S = 5.0
+RECONNECT_IVL_S: Final = 0.1
+RECONNECT_IVL_MAX_S: Final = 5.0
 
 @contextmanager
 def cyclic_gc_off() -> Iterator[None]:
@@ -118,7 +119,10 @@ def cyclic_gc_off() -> Iterator[None]:
 # Event kinds; the heap holds (time, seq, kind, dst, src, payload). `seq` is unique, so tuples
 # never compare past it and ties are broken in scheduling order, identically in every process.
 # _DELIVER_BACK: a delivery over the receiver's own DEALER (a sibling's Route back to it).
-_DELIVER, _TIMER, _ACTION, _DELIVER_BACK = 0, 1, 2, 3
+_DELIVER: Final = 0
+_TIMER: Final = 1
+_ACTION: Final = 2
+_DELIVER_BACK: Final = 3
 
 Event = tuple[float, int, int, int, int, Any]
 AnObserver = TypeVar("AnObserver", bound=Observer)

@@ -36,7 +36,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -47,9 +47,9 @@ from zgrid.wire import Advert, Adverts, Bye, DigestMsg, Hello, Message, Ping
 if TYPE_CHECKING:
     from zgrid.sim.engine import Simulator
 
-MAX_REPORTED_PROBLEMS = 20
+MAX_REPORTED_PROBLEMS: Final = 20
 # --wire fast hashes the message type instead of the bytes it would have had.
-_TYPE_CODE: dict[type, int] = {Hello: 1, Adverts: 2, DigestMsg: 3, Ping: 4, Bye: 5}
+_TYPE_CODE: Final[dict[type, int]] = {Hello: 1, Adverts: 2, DigestMsg: 3, Ping: 4, Bye: 5}
 
 Delivered = Message | ProtocolError  # what a delivery hands a core: a message or the error
 

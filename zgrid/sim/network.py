@@ -29,10 +29,11 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from zgrid.sim.errors import SimError
 
-DEFAULT_LATENCY_S = 60e-6  # one loopback hop through ZeroMQ on a laptop
+DEFAULT_LATENCY_S: Final = 60e-6  # one loopback hop through ZeroMQ on a laptop
 
 Pair = tuple[int, int]  # an undirected link, as (lower index, higher index)
 
@@ -116,7 +117,7 @@ class LinkStats:
     dropped_cut: int = 0
 
 
-_NOT_DELIVERED: tuple[float, ...] = ()
+_NOT_DELIVERED: Final[tuple[float, ...]] = ()
 
 
 class Network:
