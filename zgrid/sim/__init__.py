@@ -40,7 +40,7 @@ What it must never do
 - Read the wall clock inside the simulation logic (only `wall_s` and `loop_wall_s` are
   measured with it).
 - Order events by iterating a set or dict of strings in a way that depends on PYTHONHASHSEED:
-  ties in the heap are broken by a sequence number, node order is the integer index.
+  events due at the same instant run in scheduling order, node order is the integer index.
 - Let measurement change the run: observers only read, and with none attached the engine
   does no measurement work.
 """
