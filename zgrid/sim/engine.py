@@ -118,14 +118,16 @@ def cyclic_gc_off() -> Iterator[None]:
             gc.enable()
 
 
-# Event kinds; an event is (kind, dst, src, payload), kept in the agenda under its time.
+# Event kinds; an event is (kind, dst, src, payload, size), kept in the agenda under its time.
+# A delivery's payload is the frame (--wire full) or the message, with the bytes it stands for
+# in `size` (--wire fast); a timer's is None, an action's the callable.
 # _DELIVER_BACK: a delivery over the receiver's own DEALER (a sibling's Route back to it).
 _DELIVER: Final = 0
 _TIMER: Final = 1
 _ACTION: Final = 2
 _DELIVER_BACK: Final = 3
 
-Event = tuple[int, int, int, Any]
+Event = tuple[int, int, int, Any, int]
 AnObserver = TypeVar("AnObserver", bound=Observer)
 
 
@@ -199,9 +201,11 @@ class Simulator:
 
         self.now = 0.0
         # The agenda. Only times are compared (floats): a heap of (time, seq, ...) tuples spent
-        # a sixth of a run comparing them. `_taken` events of the earliest time have run.
+        # a sixth of a run comparing them. The events due at one time are one event, or a list
+        # of them in scheduling order (a list for each would cost a 10,000-node cold start
+        # half a gigabyte); `_taken` events of the earliest time's list have run.
         self._times: list[float] = []
-        self._due: dict[float, list[Event]] = {}
+        self._due: dict[float, Event | list[Event]] = {}
         self._taken = 0
         n = self.n
         self.cores: list[Core | None] = [None] * n
@@ -266,14 +270,18 @@ class Simulator:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _push(self, t: float, kind: int, dst: int, src: int, payload: Any) -> None:
+    def _push(self, t: float, kind: int, dst: int, src: int, payload: Any, size: int = 0
+              ) -> None:
         """Schedule an event at `t` (>= now), after every event already due then."""
+        event = (kind, dst, src, payload, size)
         due = self._due.get(t)
         if due is None:
-            self._due[t] = [(kind, dst, src, payload)]
+            self._due[t] = event
             heapq.heappush(self._times, t)
+        elif isinstance(due, list):
+            due.append(event)
         else:
-            due.append((kind, dst, src, payload))
+            self._due[t] = [due, event]
 
     def at(self, t: float, action: Callable[[], object], node: int = -1) -> None:
         """Run `action` at virtual time `t` (held while `node` is frozen, if given)."""
@@ -372,8 +380,8 @@ class Simulator:
             return
         self.frozen[i] = False
         held, self.held[i] = self.held[i], []
-        for kind, dst, src, payload in held:
-            self._push(self.now, kind, dst, src, payload)
+        for kind, dst, src, payload, size in held:
+            self._push(self.now, kind, dst, src, payload, size)
         self._mark_dirty(i)
 
     # ------------------------------------------------------------------ links and values
@@ -547,21 +555,26 @@ class Simulator:
                 break
             t = times[0]
             events = due[t]
-            kind, dst, src, payload = events[self._taken]
-            self._taken += 1
-            if self._taken == len(events):  # what this event schedules at t goes in anew
+            if isinstance(events, list):
+                kind, dst, src, payload, size = events[self._taken]
+                self._taken += 1
+                if self._taken == len(events):  # what this event schedules at t goes in anew
+                    heapq.heappop(times)
+                    del due[t]
+                    self._taken = 0
+            else:
+                kind, dst, src, payload, size = events
                 heapq.heappop(times)
                 del due[t]
-                self._taken = 0
             self.now = t
             stats.events += 1
             if kind in (_DELIVER, _DELIVER_BACK):
-                self._deliver(t, dst, src, payload, kind)
+                self._deliver(t, dst, src, payload, size, kind)
             elif kind == _TIMER:
                 self._fire_timer(t, dst)
             else:
                 if dst >= 0 and self.frozen[dst]:
-                    self.held[dst].append((kind, dst, src, payload))
+                    self.held[dst].append((kind, dst, src, payload, size))
                     continue
                 payload()
             if stats.events >= next_progress:
@@ -580,13 +593,13 @@ class Simulator:
         self.timer_ran_at[i] = t
         self._handle(i, core.timer(t))
 
-    def _deliver(self, t: float, dst: int, src: int, payload: Any, kind: int = _DELIVER
-                 ) -> None:
+    def _deliver(self, t: float, dst: int, src: int, payload: Any, size: int,
+                 kind: int = _DELIVER) -> None:
         core = self.cores[dst]
         if core is None:
             return  # the process is gone, and what was in flight to it with it
         if self.frozen[dst]:
-            self.held[dst].append((kind, dst, src, payload))
+            self.held[dst].append((kind, dst, src, payload, size))
             return
         # At its ROUTER, from the sender's connection; or back over its own DEALER.
         sender = self.envelopes[src] if kind == _DELIVER else ON_OUR_DEALER
@@ -609,7 +622,7 @@ class Simulator:
                     self._decoded[frame] = msg = decoded
         else:
             frame = None
-            msg, size = payload
+            msg = payload
         for observer in self._notified:
             observer.before_deliver(t, dst, src, msg, size, frame)
         paired = self._paired
@@ -733,6 +746,7 @@ class Simulator:
         if not times:
             return
         payload: Any
+        size = 0
         if self._full_wire:
             cache = self._encode_cache
             if cache is not None and cache[0] is msg:
@@ -741,9 +755,9 @@ class Simulator:
                 payload = wire.encode(msg)
                 self._encode_cache = (msg, payload)
         else:
-            payload = (msg, self._sample_size(msg))
+            payload, size = msg, self._sample_size(msg)
         for at in times:
-            self._push(at, kind, j, i, payload)
+            self._push(at, kind, j, i, payload, size)
 
     def _sample_size(self, msg: wire.PeerMessage) -> int:
         """--wire fast: encode and decode one message in SAMPLE_EVERY_MESSAGES, check it.
