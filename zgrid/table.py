@@ -37,7 +37,7 @@ _UNIT_SCALE: Final = 1 << UNIT_EXPONENT
 # conversion it saved (5 % of a simulation's instructions). 0.0 and -0.0 share an entry,
 # and their units (0).
 UNITS_CACHE_MAX_VALUES: Final = 1 << 16
-_units_cache: dict[float, int] = {}
+_units_cache: Final[dict[float, int]] = {}
 
 
 def exact_units(kw: float) -> int:

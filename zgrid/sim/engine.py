@@ -128,6 +128,7 @@ _ACTION: Final = 2
 _DELIVER_BACK: Final = 3
 
 Event = tuple[int, int, int, Any, int]
+_RAN: Final[Event] = (_TIMER, -1, -1, None, 0)  # in the agenda's place of an event that ran
 AnObserver = TypeVar("AnObserver", bound=Observer)
 
 
@@ -202,8 +203,7 @@ class Simulator:
         self.now = 0.0
         # The agenda. Only times are compared (floats): a heap of (time, seq, ...) tuples spent
         # a sixth of a run comparing them. The events due at one time are one event, or a list
-        # of them in scheduling order (a list for each would cost a 10,000-node cold start
-        # half a gigabyte); `_taken` events of the earliest time's list have run.
+        # of them in scheduling order; `_taken` events of the earliest time's list have run.
         self._times: list[float] = []
         self._due: dict[float, Event | list[Event]] = {}
         self._taken = 0
@@ -557,6 +557,10 @@ class Simulator:
             events = due[t]
             if isinstance(events, list):
                 kind, dst, src, payload, size = events[self._taken]
+                # Let go of what ran: a list can grow while it runs (the default latency is
+                # fixed, so a cold start's messages arrive in bursts), and holding its messages
+                # until it ends took a 10,000-node cold start from 7.84 to 8.46 GB.
+                events[self._taken] = _RAN
                 self._taken += 1
                 if self._taken == len(events):  # what this event schedules at t goes in anew
                     heapq.heappop(times)
