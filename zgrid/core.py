@@ -270,9 +270,9 @@ class Send:
 
     Not a dataclass like the other effects, for speed alone: one is made per message sent,
     and mypyc compiles this `__init__` (about 30 ns) but leaves the one a frozen dataclass
-    generates interpreted (about 380 ns; 9 % of a simulation's instructions). Compiled, the
-    `Final` fields are read-only, as frozen ones are; `__eq__` and `__repr__` are a
-    dataclass's.
+    generates interpreted (about 380 ns; 9 % of a simulation's instructions). Its `Final`
+    fields are read-only when compiled, as frozen ones are (mypy refuses any assignment to
+    them everywhere); `__eq__`, `__hash__` and `__repr__` behave as a frozen dataclass's.
     """
 
     __slots__ = ("dealer_only", "endpoint", "message")

@@ -189,8 +189,9 @@ class Adverts:
 
     Not a dataclass like the other messages, for speed alone: one is made per flood message
     flushed, and mypyc compiles this `__init__` but leaves the one a frozen dataclass generates
-    interpreted (6 % of a simulation's instructions; see `core.Send`). Compiled, the `Final`
-    fields are read-only, as frozen ones are; `__eq__` and `__repr__` are a dataclass's.
+    interpreted (6 % of a simulation's instructions; see `core.Send`). Its `Final` fields are
+    read-only when compiled, as frozen ones are (mypy refuses any assignment to them
+    everywhere); `__eq__`, `__hash__` and `__repr__` behave as a frozen dataclass's.
     """
 
     __slots__ = ("adverts", "nonce", "sender")
