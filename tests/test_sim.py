@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,41 @@ def test_a_frozen_node_holds_its_messages_and_catches_up_when_thawed() -> None:
     sim.thaw(1)
     assert sim.run_until_agreed(5.0).agreed
     assert frozen.table.by_origin["n0"].production == 9.0
+
+
+def test_events_due_at_one_instant_run_in_the_order_they_were_scheduled() -> None:
+    sim = Simulator(["n0", "n1"], seed=1, measure=False)
+    ran: list[str] = []
+
+    def first_at_one() -> None:
+        ran.append("a")
+        sim.at(1.0, lambda: ran.append("c"))  # due now: after what was due already
+
+    sim.at(1.0, first_at_one)
+    sim.at(1.0, lambda: ran.append("b"))
+    sim.at(0.5, lambda: ran.append("earlier"))
+    sim.at(1.0 + 1e-12, lambda: ran.append("later"))
+    sim.run_until(2.0)
+    assert ran == ["earlier", "a", "b", "c", "later"]
+
+
+def test_an_event_that_ran_is_let_go_while_the_rest_of_its_instant_runs() -> None:
+    # A cold start's messages arrive in bursts at one instant: what ran must not be held
+    # until the burst ends (that took the 10,000-node cold start from 7.8 to 8.5 GB).
+    sim = Simulator(["n0", "n1"], seed=1, measure=False)
+
+    class Action:
+        def __call__(self) -> None:
+            pass
+
+    action = Action()
+    gone = weakref.ref(action)
+    seen: list[bool] = []
+    sim.at(1.0, action)
+    sim.at(1.0, lambda: seen.append(gone() is None))
+    del action
+    sim.run_until(2.0)
+    assert seen == [True]
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused() -> None:
