@@ -1230,7 +1230,9 @@ def run_part(part: str, run: Run, quick: bool, changes: int | None,
         print(f"  bare pyzmq round trip between two Python processes on loopback: "
               f"p50 {calibration['hot_rtt_p50_us']:.0f} us back-to-back, "
               f"{calibration['spaced_rtt_p50_us']:.0f} us with "
-              f"{CALIBRATION_GAP_S * MS_PER_S:g} ms gaps (one hop is about half of that)")
+              f"{CALIBRATION_GAP_S * MS_PER_S:g} ms gaps (one hop is about half of that; "
+              f"{calibration_before['spaced_rtt_p50_us']:.0f} us before the grids; the floor "
+              f"takes the smaller)")
         print(f"  bare pyzmq echo process, CPU per frame received and sent back: "
               f"{calibration['spaced_echo_cpu_us_per_message']:.0f} us when woken by each "
               f"frame, {calibration['hot_echo_cpu_us_per_message']:.0f} us back-to-back "
