@@ -120,6 +120,7 @@ from zgrid.wire import (
     NodesRequest,
     PeerMessage,
     Ping,
+    Record,
     Reply,
     SetRequest,
     StatusRequest,
@@ -261,18 +262,15 @@ class Config:
 # ------------------------------------------------------------------------------------ effects
 
 
-class Send:
+class Send(Record):
     """Send to a sibling over our DEALER connected to `endpoint`. If that DEALER cannot take
     it now (not connected: e.g. still in libzmq's reconnect backoff after the sibling
     restarted), send it over the sibling's `Route` instead, if it has one; else drop it.
     `dealer_only`: never over a route (a HELLO request: its token must reach the endpoint
     dialed, which is what an ack echoing it proves).
 
-    Not a dataclass like the other effects, for speed alone: one is made per message sent,
-    and mypyc compiles this `__init__` (about 30 ns) but leaves the one a frozen dataclass
-    generates interpreted (about 380 ns; 9 % of a simulation's instructions). Its `Final`
-    fields are read-only when compiled, as frozen ones are (mypy refuses any assignment to
-    them everywhere); `__eq__`, `__hash__` and `__repr__` behave as a frozen dataclass's.
+    A `wire.Record`, not a dataclass like the other effects, for speed alone: one is made per
+    message sent.
     """
 
     __slots__ = ("dealer_only", "endpoint", "message")
@@ -283,19 +281,6 @@ class Send:
         self.endpoint: Final = endpoint
         self.message: Final = message
         self.dealer_only: Final = dealer_only
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Send):
-            return NotImplemented
-        return (self.endpoint, self.message, self.dealer_only) == (
-            other.endpoint, other.message, other.dealer_only)
-
-    def __hash__(self) -> int:
-        return hash((self.endpoint, self.message, self.dealer_only))
-
-    def __repr__(self) -> str:
-        return (f"Send(endpoint={self.endpoint!r}, message={self.message!r}, "
-                f"dealer_only={self.dealer_only!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,8 +511,7 @@ def _same_items(a: tuple[Advert, ...], b: tuple[Advert, ...]) -> bool:
 
 _CONTROL_REQUESTS: Final = (StatusRequest, SetRequest, FlexRequest, LinkRequest, UnlinkRequest,
                      NodesRequest, GraphRequest, WatchRequest)
-_PEER_MESSAGES: Final = (Hello, Adverts, DigestMsg, Ping, Bye)
-_PEER_MESSAGE_TYPES: Final = frozenset(_PEER_MESSAGES)
+_PEER_MESSAGE_TYPES: Final = frozenset((Hello, Adverts, DigestMsg, Ping, Bye))
 _CHANGING_REQUESTS: Final = (SetRequest, FlexRequest, LinkRequest, UnlinkRequest)
 
 
