@@ -14,7 +14,18 @@ import hashlib
 
 import msgpack
 
-from zgrid.core import ON_OUR_DEALER, Config, Core, Effect, Respond, Route, Send
+from zgrid.core import (
+    ON_OUR_DEALER,
+    Config,
+    Core,
+    Effect,
+    LinkState,
+    Log,
+    LogLevel,
+    Respond,
+    Route,
+    Send,
+)
 from zgrid.sim import converged_sim
 from zgrid.wire import Advert, Adverts, Hello, LinkRequest, Ping, StatusRequest, encode
 
@@ -94,6 +105,21 @@ def test_hello_requests_never_take_a_route_and_answers_may() -> None:
     assert knocks and all(s.dealer_only and not s.message.ack for s in knocks)  # type: ignore[union-attr]
     pings = [s for s in sends(linked().timer(1.0)) if isinstance(s.message, Ping)]
     assert pings and not any(s.dealer_only for s in pings)
+
+
+def test_a_closed_connection_takes_an_up_link_down_at_once_and_is_no_flap() -> None:
+    a = linked()
+    effects = a.connection_lost(B, 1.0)
+    sib = a.sibling("b")
+    assert sib is not None and sib.state is LinkState.DOWN
+    assert links(a) == () and a.island(1.0) == {"a"}
+    assert (a.counters["connections_lost"], a.counters["link_flaps"]) == (1, 0)
+    assert Log(LogLevel.WARNING, "b closed its connection; link down") in effects
+    knocks = [s for s in sends(a.timer(1.5)) if isinstance(s.message, Hello)]
+    assert knocks, "we knock again: it may be restarting"
+    # Once DOWN, or for an endpoint that is no sibling, a closure changes nothing.
+    assert a.connection_lost(B, 1.6) == [] and a.connection_lost("tcp://c:7000", 1.6) == []
+    assert a.counters["connections_lost"] == 1
 
 
 def test_a_duplicate_ack_is_life_only_and_a_duplicate_request_is_answered_again() -> None:

@@ -35,6 +35,23 @@ def test_kill_9_of_the_middle_node_splits_the_line_then_restart_rejoins_it(
     assert restarted["incarnation"] == 2
 
 
+def test_a_killed_node_leaves_every_island_at_once_without_waiting_for_silence(
+        grid: Grid) -> None:
+    slow = ("--ping-interval", "1", "--dead-after", "30")  # silence cannot explain it
+    n1, n2, n3 = grid.line(("n1", 10, 0), ("n2", 5, 1), ("n3", 0, 3), extra=slow)
+    grid.wait_island([n1, n2, n3])
+    n2.kill()
+    # Its connections closed: each sibling's libzmq monitor says so, far within dead-after.
+    assert {s["total_net"] for s in grid.wait_island([n1], timeout=3)} == {10.0}
+    assert {s["total_net"] for s in grid.wait_island([n3], timeout=3)} == {-3.0}
+    for node in (n1, n3):
+        counters = node.status()["counters"]
+        assert (counters["connections_lost"], counters["link_flaps"]) == (1, 0), node.id
+        assert "n2 closed its connection; link down" in node.log_text()
+    n2.start()
+    assert {s["total_net"] for s in grid.wait_island([n1, n2, n3])} == {11.0}
+
+
 def test_a_frozen_node_leaves_every_island_and_comes_back_after_sigcont(
         grid: Grid, line3: tuple[NodeProc, NodeProc, NodeProc]) -> None:
     n1, n2, n3 = line3

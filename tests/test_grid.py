@@ -102,7 +102,7 @@ def test_unlink_splits_grid_into_two_islands_and_relink_merges_them(grid: Grid) 
 
 
 def test_sigterm_node_leaves_every_island_promptly_by_saying_goodbye(grid: Grid) -> None:
-    slow = ("--ping-interval", "1", "--dead-after", "30")  # only goodbye can explain a quick exit
+    slow = ("--ping-interval", "1", "--dead-after", "30")  # silence cannot explain a quick exit
     n1, n2, n3 = grid.line(("n1", 1, 0), ("n2", 2, 0), ("n3", 4, 0), extra=slow)
     grid.wait_island([n1, n2, n3])
     started = time.monotonic()

@@ -32,3 +32,14 @@ def test_version_flag_prints_the_package_version(command: str) -> None:
                           timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"{command}, version {zgrid.__version__}"
+
+
+def test_zgrid_node_defaults_to_the_protocols_timing() -> None:
+    from zgrid import cli, core, node
+
+    options = {p.name: p.default for p in cli.node_main.params}
+    assert (options["ping_interval"], options["dead_after"], options["forget_after"]) == (
+        core.PING_INTERVAL_S, core.DEAD_AFTER_S, core.FORGET_AFTER_S)
+    settings = node.NodeSettings("n", "tcp://127.0.0.1:1")
+    assert (settings.ping_interval_s, settings.dead_after_s) == (
+        core.PING_INTERVAL_S, core.DEAD_AFTER_S)

@@ -182,6 +182,45 @@ def test_a_crashed_node_restarts_with_what_it_persisted() -> None:
     assert sim.run_until_agreed(5.0).agreed
 
 
+def test_a_crash_is_known_as_its_connections_close_and_a_freeze_only_by_silence() -> None:
+    sim = converged_sim([(0, 1), (1, 2)], [(1.0, 0.0), (2.0, 0.0), (4.0, 0.0)],
+                        dead_after_s=5.0)
+    n1 = sim.cores[1]
+    assert n1 is not None
+    sim.crash(2)
+    sim.run_until(sim.now + 0.01)  # far within dead_after: the closure took one latency
+    assert n1.island(sim.now) == {"n0", "n1"} and n1.totals(sim.now)[0] == 3.0
+    assert (n1.counters["connections_lost"], n1.counters["link_flaps"]) == (1, 0)
+    sim.freeze(0)
+    sim.run_until(sim.now + 1.0)
+    assert "n0" in n1.island(sim.now), "a frozen process closes nothing"
+    sim.run_until(sim.now + 5.0)
+    assert n1.island(sim.now) == {"n1"}
+    assert (n1.counters["connections_lost"], n1.counters["link_flaps"]) == (1, 1)
+
+
+def test_a_crash_behind_a_cut_link_is_known_only_by_silence() -> None:
+    sim = converged_sim([(0, 1)], [(1.0, 0.0), (2.0, 0.0)], dead_after_s=5.0)
+    n0 = sim.cores[0]
+    assert n0 is not None
+    sim.cut_links([(0, 1)])
+    sim.crash(1)
+    sim.run_until(sim.now + 1.0)
+    assert n0.island(sim.now) == {"n0", "n1"}, "a closure crossed a cut link"
+    sim.run_until(sim.now + 5.0)
+    assert n0.island(sim.now) == {"n0"} and n0.counters["connections_lost"] == 0
+
+
+def test_a_stopped_node_says_goodbye_before_its_connections_close() -> None:
+    sim = converged_sim([(0, 1)], [(1.0, 0.0), (2.0, 0.0)], dead_after_s=5.0)
+    n0 = sim.cores[0]
+    assert n0 is not None
+    sim.stop(1)
+    sim.run_until(sim.now + 0.01)
+    assert n0.island(sim.now) == {"n0"}
+    assert (n0.counters["connections_lost"], n0.counters["link_flaps"]) == (0, 0)
+
+
 def test_a_frozen_node_holds_its_messages_and_catches_up_when_thawed() -> None:
     sim = converged_sim([(0, 1)], [(1.0, 0.0), (1.0, 0.0)])
     frozen = sim.cores[1]

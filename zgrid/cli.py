@@ -112,10 +112,13 @@ def _fail(message: str, code: int, error: str | None = None, **extra: Any) -> No
                    "model makes this node's offers and follows its activation.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the node keeps its state [default: ./.zgrid/ID].")
-@click.option("--ping-interval", type=click.FloatRange(min=0.01), default=0.25,
+# The defaults are core.PING_INTERVAL_S and DEAD_AFTER_S (a test keeps them equal): core is
+# not imported here, so that zgrid-ctl starts without it.
+@click.option("--ping-interval", type=click.FloatRange(min=0.01), default=1.0,
               show_default=True, help="Seconds between pings to each sibling.")
-@click.option("--dead-after", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
-              help="Seconds of silence after which a sibling is DOWN.")
+@click.option("--dead-after", type=click.FloatRange(min=0.05), default=3.0, show_default=True,
+              help="Seconds of silence after which a sibling is DOWN (a sibling whose process "
+                   "exits is DOWN at once: its connection closes).")
 @click.option("--forget-after", type=click.FloatRange(min=1.0), default=600.0,
               show_default=True, help="Seconds after which unreachable nodes are forgotten.")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -40,9 +40,13 @@ Every change of a link's state goes through `Core._transition` (the table `TRANS
 which are legal): it alone clears the sibling's outbox, resets its HELLO schedule, counts flaps
 and bumps our advert when the link stops or starts counting as an edge.
 
-Liveness: UP siblings ping each other every `ping_interval_s`; any message counts as life. A
-sibling silent for `dead_after_s` goes DOWN (we drop it from our links and re-flood), and we
-keep sending it HELLO with backoff until it answers. Only siblings watch each other.
+Liveness: a sibling whose process exits (crash or stop) closes its connections, and the
+runtime reports ours closing (`connection_lost`): the link goes DOWN at once (we drop it from
+our links and re-flood), and we keep sending it HELLO with backoff until it answers. What
+closes nothing (a frozen process, a partition) is found by silence: UP siblings ping each
+other every `ping_interval_s`, any message counts as life, and a sibling silent for
+`dead_after_s` goes DOWN the same way. Only siblings watch each other. Because crashes do not
+wait for silence, pings can be rare (PING_INTERVAL_S): an idle node's cost is its pings.
 
 Anti-entropy: HELLO carries a digest {origin: version}; the receiver sends what the sender
 lacks. Pings carry the table hash; two mismatches in a row trigger a digest exchange. This
@@ -78,7 +82,8 @@ client is refused, and saves are retried until one works (`save_succeeded`).
 
 Entry points: `handle` (everything that arrives: a decoded message or the error decoding it),
 `timer` (when `next_deadline` is due), `flush` (when the mailbox is drained), `start`, `stop`,
-`membership_changed`, and `save_succeeded`/`save_failed` (the outcome of a Persist). This
+`membership_changed`, `save_succeeded`/`save_failed` (the outcome of a Persist), and
+`connect_failed`/`connection_lost` (what the transport says about a DEALER). This
 module must never import zmq, time, os or anything that does I/O: the runtime (node.py) and
 the simulator (zgrid/sim/) drive it and perform its effects.
 """
@@ -138,6 +143,13 @@ from zgrid.wire import (
 # Short against AGC's 2-4 s.
 BALANCE_HOLDOFF_S: Final = 0.002
 # The first HELLO on a fresh connection is often dropped (IMMEDIATE)
+# Silence detects only what closes no connection (a frozen process, a partition; a crash is
+# `connection_lost` at once), so pings can be rare: an idle node's CPU is its pings, 0.36 % of
+# a core with 8 siblings at 0.25 s and 0.09 % at 1 s (docs/benchmarks.md). Three intervals of
+# silence: a ping may be late behind a busy turn (a 40,000-entry digest) without a flap.
+PING_INTERVAL_S: Final = 1.0
+DEAD_AFTER_S: Final = 3.0
+FORGET_AFTER_S: Final = 600.0
 HELLO_RETRY_MIN_S: Final = 0.01
 HELLO_RETRY_MAX_S: Final = 1.0
 REFUSED_RETRY_S: Final = 5.0  # a refused link is retried slowly: the id may become free
@@ -247,9 +259,9 @@ class Config:
     node_id: str
     endpoint: str  # where our ROUTER is reachable; advertised to everyone
     nonce: int  # random per process
-    ping_interval_s: float = 0.25
-    dead_after_s: float = 1.0
-    forget_after_s: float = 600.0
+    ping_interval_s: float = PING_INTERVAL_S
+    dead_after_s: float = DEAD_AFTER_S
+    forget_after_s: float = FORGET_AFTER_S
     max_nodes: int = 40_000
     track_view: bool = True  # compute the view after every flush (False: only when read)
     require_sibling_ids: bool = False  # with CurveZMQ: a sibling's key is found by its id
@@ -568,8 +580,8 @@ class Core:
         self._pruner = FloodPruner(config.pruned_flood_max_nodes, PRUNED_FLOOD_SETTLE_S)
         self.counters: dict[str, int] = {
             "messages_received": 0, "bad_frames": 0, "ignored": 0, "adverts_received": 0,
-            "adverts_accepted": 0, "link_flaps": 0, "digests_sent": 0, "bad_signatures": 0,
-            "outbids": 0,
+            "adverts_accepted": 0, "link_flaps": 0, "connections_lost": 0, "digests_sent": 0,
+            "bad_signatures": 0, "outbids": 0,
         }
         self.conflict = ""
         # Nonces seen writing our id (foreign, or ours in a forgery) -> when we last outbid one.
@@ -1511,6 +1523,19 @@ class Core:
                          retry_at=math.inf)
         return [Log(LogLevel.ERROR, f"cannot dial {sib.name} at {endpoint}: {why}; the link "
                     "stays refused until it is unlinked")]
+
+    def connection_lost(self, endpoint: str, now: float) -> list[Effect]:
+        """Our DEALER's connection to `endpoint` closed (the runtime's libzmq monitor says so):
+        the sibling's process is gone, crashed or stopping, and its kernel closed the socket.
+        An UP link goes DOWN now rather than after `dead_after_s` of silence, and we knock
+        again (it may be restarting). Not a flap: nothing was guessed from silence. A failure
+        that closes nothing (a frozen process, a cut cable) is still the pings' to find."""
+        sib = self.siblings.get(endpoint)
+        if sib is None or sib.state is not LinkState.UP:
+            return []  # a goodbye, or silence, got there first; or never UP
+        self._transition(sib, LinkState.DOWN, now)
+        self.counters["connections_lost"] += 1
+        return [Log(LogLevel.WARNING, f"{sib.name} closed its connection; link down")]
 
     # ------------------------------------------------------------------------ time
 

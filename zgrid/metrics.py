@@ -92,6 +92,8 @@ COUNTERS: Mapping[str, tuple[str, str]] = {
                         "one each way per sibling per ping interval."),
     "link_flaps": ("zgrid_link_flaps", "UP links that went DOWN because the sibling fell "
                    "silent for --dead-after."),
+    "connections_lost": ("zgrid_connections_lost", "UP links that went DOWN because the "
+                         "connection to the sibling closed (its process exited)."),
     "bad_signatures": ("zgrid_bad_signatures", "Adverts dropped for a bad signature (--keys)."),
     "outbids": ("zgrid_outbids", "Times this node outbid an advert of its own id."),
     "refusals_dropped": ("zgrid_refusals_dropped", "Refusals not sent (over the budget)."),

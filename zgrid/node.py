@@ -30,9 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zgrid.core import (
+    DEAD_AFTER_S,
+    FORGET_AFTER_S,
     ON_OUR_DEALER,
+    PING_INTERVAL_S,
     ClientId,
     Config,
     Connect,
@@ -116,9 +120,9 @@ class NodeSettings:
     flex: Flex = NO_FLEX  # the initial plain offer (a node with saved state resumes its own)
     device: Device | None = None  # a device model whose offers replace the plain one
     data_dir: Path | None = None  # default ./.zgrid/<id>
-    ping_interval_s: float = 0.25
-    dead_after_s: float = 1.0
-    forget_after_s: float = 600.0
+    ping_interval_s: float = PING_INTERVAL_S
+    dead_after_s: float = DEAD_AFTER_S
+    forget_after_s: float = FORGET_AFTER_S
     keys_dir: Path | None = None
     metrics_port: int | None = None  # serve Prometheus metrics here (None: off)
     metrics_host: str = DEFAULT_METRICS_HOST
@@ -150,6 +154,9 @@ class Node:
         # is polled too, and what it brings is from the member we dialed (with keys).
         self._dealt: dict[zmq.Socket[bytes], str | None] = {}  # DEALER -> the id dialed
         self._routes: dict[str, ClientId] = {}  # endpoint -> the sibling's own connection
+        # endpoint -> libzmq's monitor of our DEALER there: its connection closing is how a
+        # sibling's crash is known at once (`Core.connection_lost`), and it costs nothing idle.
+        self._monitors: dict[str, zmq.Socket[bytes]] = {}
         self._poller = zmq.Poller()
         # (endpoint, peer id) -> DEALER for refusals and when it was last used, oldest first
         self._one_shots: dict[tuple[str, str], tuple[zmq.Socket[bytes], float]] = {}
@@ -359,14 +366,25 @@ class Node:
         self._dealers[effect.endpoint] = dealer
         self._dealt[dealer] = effect.peer_id
         self._poller.register(dealer, zmq.POLLIN)
+        monitor: zmq.Socket[bytes] = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors[effect.endpoint] = monitor
+        self._poller.register(monitor, zmq.POLLIN)
 
     def _disconnect(self, endpoint: str) -> None:
         self._routes.pop(endpoint, None)
         dealer = self._dealers.pop(endpoint, None)
         if dealer is not None:
+            self._close_monitor(endpoint, dealer)
             self._poller.unregister(dealer)
             del self._dealt[dealer]
             dealer.close(linger=CLOSE_LINGER_MS)
+
+    def _close_monitor(self, endpoint: str, dealer: zmq.Socket[bytes]) -> None:
+        """Before its DEALER closes: what closing it does is not the sibling's doing."""
+        monitor = self._monitors.pop(endpoint)
+        self._poller.unregister(monitor)
+        dealer.disable_monitor()
+        monitor.close(linger=0)
 
     def _send_once(self, effect: SendOnce) -> None:
         """A message (a refusal) to a node that is not our sibling, over a one-shot DEALER
@@ -489,6 +507,10 @@ class Node:
                 self._drain_router()
             for dealer in [d for d in self._dealt if d in ready]:
                 self._drain_dealer(dealer)
+            # After the sockets' frames: a stopping sibling's goodbye, if it came in the same
+            # turn as its connection closing, says why.
+            for endpoint in [e for e, m in self._monitors.items() if m in ready]:
+                self._drain_monitor(endpoint)
             now = time.monotonic()
             timed = now >= self.core.next_deadline()
             if timed:
@@ -602,7 +624,8 @@ class Node:
 
     def close(self) -> None:
         try:
-            for dealer in self._dealers.values():
+            for endpoint, dealer in self._dealers.items():
+                self._close_monitor(endpoint, dealer)
                 dealer.close(linger=CLOSE_LINGER_MS)
             self._dealers.clear()
             self._dealt.clear()
@@ -706,6 +729,20 @@ class Node:
                                                time.monotonic(), member))
             else:
                 self._handle_metered(meter, ON_OUR_DEALER, parts[-1], member)
+
+    def _drain_monitor(self, endpoint: str) -> None:
+        """libzmq's events about our DEALER to `endpoint`: only its disconnections are asked
+        for. Bounded: a connection closes at most once per reconnect."""
+        for _ in range(MAX_DRAIN_FRAMES):
+            monitor = self._monitors.get(endpoint)
+            if monitor is None:  # the last event's effects closed the DEALER
+                return
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._perform(self.core.connection_lost(endpoint, time.monotonic()))
 
     def _handle_metered(self, meter: Meter, sender: ClientId, frame: bytes,
                         member: str | None) -> None:

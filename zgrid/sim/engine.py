@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Final, TypeVar
 
 from zgrid import wire
@@ -340,6 +341,10 @@ class Simulator:
         for k in range(self.n):  # every DEALER connected to it starts reconnecting
             if i in self.connected[k] and self._dealer_up(k, i):
                 self.down_since[k][i] = now
+                closed_at = self.network.closure(i, k, now)
+                if closed_at is not None:  # the runtime's monitor of that DEALER tells k
+                    self.at(closed_at, partial(self._connection_closed, k, i, self._lives[k]),
+                            node=k)
         self.cores[i] = None
         self.frozen[i] = False
         self.held[i].clear()
@@ -365,6 +370,13 @@ class Simulator:
                                     trust=self._trust(i))
         self._new_life(i)
         self._handle(i, core.start(self.now))
+
+    def _connection_closed(self, k: int, i: int, life: int) -> None:
+        """k's DEALER to the crashed i reports its connection closed, if that DEALER is still
+        the one that was connected: k has not crashed since, nor closed it."""
+        core = self.cores[k]
+        if core is not None and self._lives[k] == life and i in self.connected[k]:
+            self._handle(k, core.connection_lost(self.endpoints[i], self.now))
 
     def _new_life(self, i: int) -> None:
         """A process starts: the routing envelope of its connections leads to it."""

@@ -10,7 +10,8 @@ Everything a real network decides about a message in flight, and nothing else:
   and the probability of ignoring per-link FIFO order (reordering);
 - `Network`: the links of one simulation: the default model, per-link overrides, cut links
   (partitions) and the last arrival time per directed link. The engine asks it once per sent
-  message (`Network.arrivals`) and schedules one delivery per time it gets back.
+  message (`Network.arrivals`) and schedules one delivery per time it gets back, and once
+  per connection a crash closes (`Network.closure`).
 
 What it must never do
 =====================
@@ -184,6 +185,17 @@ class Network:
             self.stats.duplicated += 1
             return (first, self._arrival(i, j, model, now))
         return (first,)
+
+    def closure(self, i: int, j: int, now: float) -> float | None:
+        """When j's end of a connection with i hears that i's process died (its kernel closed
+        the socket): one latency, after whatever i sent j before; never lost (TCP retransmits
+        it). None over a cut link: j hears nothing, and only silence tells it."""
+        link = (i, j) if i < j else (j, i)
+        if self.cut and link in self.cut:
+            return None
+        model = self.link_overrides.get(link, self.default_link)
+        return max(now + model.latency.sample(self.rng),
+                   self._last_arrival.get(_directed(i, j), now))
 
     def _arrival(self, i: int, j: int, model: LinkModel, now: float) -> float:
         at = now + model.latency.sample(self.rng)
