@@ -363,10 +363,16 @@ class Node:
         except _CannotDial as exc:
             self._perform(self.core.connect_failed(effect.endpoint, str(exc), time.monotonic()))
             return
+        try:
+            monitor: zmq.Socket[bytes] = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        except zmq.ZMQError as exc:  # too many sockets, as when the DEALER cannot be made
+            dealer.close(linger=0)
+            self._perform(self.core.connect_failed(effect.endpoint, exc.strerror,
+                                                   time.monotonic()))
+            return
         self._dealers[effect.endpoint] = dealer
         self._dealt[dealer] = effect.peer_id
         self._poller.register(dealer, zmq.POLLIN)
-        monitor: zmq.Socket[bytes] = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._monitors[effect.endpoint] = monitor
         self._poller.register(monitor, zmq.POLLIN)
 
