@@ -142,7 +142,6 @@ from zgrid.wire import (
 # made most activated nodes re-advertise twice per change (measured in the simulated day).
 # Short against AGC's 2-4 s.
 BALANCE_HOLDOFF_S: Final = 0.002
-# The first HELLO on a fresh connection is often dropped (IMMEDIATE)
 # Silence detects only what closes no connection (a frozen process, a partition; a crash is
 # `connection_lost` at once), so pings can be rare: an idle node's CPU is its pings, 0.36 % of
 # a core with 8 siblings at 0.25 s and 0.09 % at 1 s (docs/benchmarks.md). Three intervals of
@@ -150,6 +149,7 @@ BALANCE_HOLDOFF_S: Final = 0.002
 PING_INTERVAL_S: Final = 1.0
 DEAD_AFTER_S: Final = 3.0
 FORGET_AFTER_S: Final = 600.0
+# The first HELLO on a fresh connection is often dropped (IMMEDIATE)
 HELLO_RETRY_MIN_S: Final = 0.01
 HELLO_RETRY_MAX_S: Final = 1.0
 REFUSED_RETRY_S: Final = 5.0  # a refused link is retried slowly: the id may become free
