@@ -62,7 +62,6 @@ The count line keeps the encoding unambiguous although a node may be called "pri
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,9 +72,9 @@ from types import MappingProxyType
 from typing import Final
 
 from zgrid.table import exact_units, from_units
+from zgrid.wire import hash64
 
 PRICE_SCALE_MILLI: Final = 1000  # prices are compared and hashed in integer thousandths
-HASH_DIGEST_BYTES: Final = 8
 HASH_DOMAIN: Final = b"zgrid-clearing-v1\n"
 
 
@@ -186,12 +185,6 @@ def canonical_bytes(imbalance_units: int, activation_units: Iterable[tuple[str, 
     lines.append(f"price\0{'none' if price is None else price}")
     lines.append(f"shortfall\0{shortfall_units}")
     return HASH_DOMAIN + "".join(line + "\n" for line in lines).encode()
-
-
-def clearing_hash(data: bytes) -> int:
-    """blake2b-64 of `data`, little-endian: the same construction as the table hash."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=HASH_DIGEST_BYTES).digest(),
-                          "little")
 
 
 class _Side:
@@ -390,7 +383,7 @@ class OfferBook:
             clearing_price=None if price is None else price / PRICE_SCALE_MILLI,
             shortfall_kw=from_units(remaining),
             balanced_net_kw=from_units(balanced),
-            hash=clearing_hash(canonical_bytes(imbalance_units, activation_units.items(), price,
+            hash=hash64(canonical_bytes(imbalance_units, activation_units.items(), price,
                                                remaining)),
         )
 

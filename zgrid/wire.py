@@ -113,6 +113,12 @@ class Flex:
 NO_FLEX: Final = Flex()
 
 
+def hash64(data: bytes) -> int:
+    """blake2b-64 of `data`, read as a little-endian unsigned integer: the construction of
+    the table hash and of the clearing hash (docs/protocol.md)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 @dataclass(frozen=True, slots=True)
 class Advert:
     """One node's self-description; only its origin ever writes one (docs/design.md, rule 1)."""
@@ -143,8 +149,7 @@ class Advert:
         cannot be used here."""
         h = self._version_hash
         if h < 0:
-            key = f"{self.origin}\x00{self.incarnation}\x00{self.seq}".encode()
-            h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+            h = hash64(f"{self.origin}\x00{self.incarnation}\x00{self.seq}".encode())
             object.__setattr__(self, "_version_hash", h)  # a cache: frozen fields stay as they are
         return h
 
