@@ -24,7 +24,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -38,11 +37,11 @@ from zgrid import __version__
 from zgrid.client import DEFAULT_TIMEOUT_S, Client
 from zgrid.errors import ControlError, NoReply, StorageFailure, ZgridError
 from zgrid.player import Profile, Row, power_error
+from zgrid.top import TOP_INTERVAL_S, TOP_JOIN_S, TOP_MIN_GAP_S
 from zgrid.wire import MAX_ABS_PRICE
 
 if TYPE_CHECKING:  # the device models load only for a node that has a device
     from rich.console import RenderableType  # rich loads only to print to a terminal
-    from rich.live import Live
 
     from zgrid.devices import Device
     from zgrid.views import PlayBar
@@ -625,11 +624,6 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts).isoformat(timespec="milliseconds")
 
 
-TOP_INTERVAL_S = 1.0  # `top --interval`: seconds between two requests for the node table
-TOP_MIN_GAP_S = 0.25  # a burst of changes asks for the node table at most this often
-TOP_JOIN_S = 1.0  # after Ctrl-C, how long (beyond --timeout) `top` waits for its table thread
-
-
 @ctl_main.command()
 @click.option("--interval", "interval_s", type=click.FloatRange(min=TOP_MIN_GAP_S),
               default=TOP_INTERVAL_S, show_default=True, metavar="SECONDS",
@@ -649,11 +643,13 @@ def top(ctl: _Ctl, interval_s: float) -> None:
     if ctl.json:
         _fail("top draws a screen and has no --json: use `watch --json` (the island as it "
               "changes) and `nodes --json` (the node table)", EXIT_USAGE)
-    screen = _TopScreen(ctl, interval_s)
+    from zgrid.top import NodesPoller, TopScreen
+
+    screen = TopScreen(ctl.node or "?", interval_s)
     signal.signal(signal.SIGTERM, _interrupt)  # leave the full screen as Ctrl-C does
     try:
         with ctl.client() as client:
-            poller = _NodesPoller(ctl, interval_s, screen)
+            poller = NodesPoller(ctl.connect, interval_s, screen)
             poller.start()
             try:
                 with screen.live():
@@ -664,117 +660,6 @@ def top(ctl: _Ctl, interval_s: float) -> None:
                 poller.stop(ctl.timeout + TOP_JOIN_S)
     except KeyboardInterrupt:
         pass
-
-
-class _TopScreen:
-    """What `top` shows: the latest watch view and node table. On a terminal it is drawn in
-    place (rich Live, full screen); otherwise printed as a snapshot each time it changes.
-    The watch (main thread) and the table thread both update it, under one lock."""
-
-    def __init__(self, ctl: _Ctl, interval_s: float) -> None:
-        from rich.console import Console
-
-        self.node = ctl.node or "?"
-        self.interval_s = interval_s
-        self.console = Console(highlight=False)
-        self.lock = threading.Lock()
-        self.latest: dict[str, Any] | None = None
-        self.rows: list[dict[str, Any]] | None = None
-        self.problem: str | None = None
-        self.updated = "never"
-        self.live_display: Live | None = None
-        self.printed: str | None = None  # what the last plain snapshot showed
-
-    @contextmanager
-    def live(self) -> Iterator[None]:
-        if not self.console.is_terminal:
-            yield
-            return
-        from rich.live import Live
-
-        with Live(console=self.console, screen=True, auto_refresh=False,
-                  redirect_stdout=False, redirect_stderr=False) as live:
-            with self.lock:
-                self.live_display = live
-            try:
-                yield
-            finally:  # no more drawing, from either thread, once the screen is left
-                with self.lock:
-                    self.live_display = None
-
-    def view(self, view: dict[str, Any]) -> None:
-        with self.lock:
-            self.latest = view
-            self._draw()
-
-    def table(self, rows: list[dict[str, Any]] | None, problem: str | None = None) -> None:
-        with self.lock:
-            if rows is not None:
-                self.rows = rows
-                self.updated = datetime.now().strftime("%H:%M:%S")
-            self.problem = problem
-            self._draw()
-
-    def _draw(self) -> None:
-        from zgrid import views
-
-        if self.latest is None:
-            return  # nothing to show before the node's first view
-        live = self.console.is_terminal
-        screen = views.top_view(self.latest, self.rows, node=self.node, updated=self.updated,
-                                interval_s=self.interval_s, problem=self.problem, live=live)
-        if live:
-            if self.live_display is not None:
-                self.live_display.update(screen, refresh=True)
-            return
-        if self.rows is None and self.problem is None:
-            return  # a snapshot is the whole view: wait for the node table
-        # Plain snapshots only when something shown changed (not the time of the request).
-        shown = json.dumps([{k: v for k, v in self.latest.items() if k != "ts"}, self.rows,
-                            self.problem], sort_keys=True, default=str)
-        if shown != self.printed:
-            self.printed = shown
-            self.console.print(screen)
-            self.console.print()
-            sys.stdout.flush()
-
-
-class _NodesPoller(threading.Thread):
-    """`top`'s table thread: asks for `nodes` every --interval, and soon after `poke` (a
-    change of the view), on a Client of its own (a Client is not thread-safe, and the main
-    thread's is busy with the watch). A failed request is shown and tried again; the watch
-    decides when the node is gone."""
-
-    def __init__(self, ctl: _Ctl, interval_s: float, screen: _TopScreen) -> None:
-        super().__init__(name="zgrid-top-nodes", daemon=True)  # never keeps zgrid-ctl alive
-        self.ctl, self.interval_s, self.screen = ctl, interval_s, screen
-        self.wake = threading.Event()
-        self.done = threading.Event()
-
-    def poke(self) -> None:
-        self.wake.set()
-
-    def stop(self, timeout_s: float) -> None:
-        self.done.set()
-        self.wake.set()
-        self.join(timeout_s)
-
-    def run(self) -> None:
-        try:
-            client = self.ctl.connect()
-        except ZgridError as exc:
-            self.screen.table(None, exc.message)
-            return
-        with client:
-            while not self.done.is_set():
-                self.wake.clear()  # a change from now on asks again
-                try:
-                    self.screen.table(client.nodes())
-                except ZgridError as exc:
-                    self.screen.table(None, exc.message)
-                if self.done.wait(TOP_MIN_GAP_S):
-                    break
-                self.wake.wait(self.interval_s - TOP_MIN_GAP_S)
 
 
 @ctl_main.command()
