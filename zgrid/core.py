@@ -1176,8 +1176,8 @@ class Core:
         # no id tuple per message.
         if not self.config.pruned_flood_max_nodes or not pruner.settled(self.table, now):
             return None, [(-1, s.outbox) for s in up if s is not sender]
-        plan = pruner.plan(self.table, tuple(s.id for s in up if s.id is not None), now)
-        bits = plan.bit if plan is not None else {}
+        plan = pruner.settled_plan(self.table, [s.id for s in up if s.id is not None], now)
+        bits = plan.bit
         return plan, [(bits.get(s.id, -1) if s.id is not None else -1, s.outbox)
                       for s in up if s is not sender]
 

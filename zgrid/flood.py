@@ -86,7 +86,7 @@ class FloodPruner:
     def settled(self, table: AdvertTable, now: float) -> bool:
         """Whether the flood may be pruned now: the topology has not moved for `settle_s`,
         no repair asked for a full flood, and the island is small enough. Cheap: every
-        message with news asks it (through `plan`)."""
+        message with news asks it (the core, before `settled_plan`)."""
         self.note(table, now)
         return (now - self._moved_at >= self.settle_s and now >= self._full_until
                 and len(table.island(now)) <= self.max_nodes)
@@ -96,6 +96,12 @@ class FloodPruner:
         """The plan for `siblings` (the ids of our UP siblings, in order), or None: flood."""
         if not self.settled(table, now):
             return None
+        return self.settled_plan(table, siblings, now)
+
+    def settled_plan(self, table: AdvertTable, siblings: Sequence[str], now: float
+                     ) -> FloodPlan:
+        """`plan`, once `settled` said yes at `now`: the core asks that first, so that a grid
+        flooding in full builds no sibling list per message, and need not ask twice."""
         plan = self._plan
         if plan is None or plan.siblings != tuple(siblings):
             self._plan = plan = _plan(table, tuple(siblings), table.island(now))

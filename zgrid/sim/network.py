@@ -190,7 +190,7 @@ class Network:
         """When j's end of a connection with i hears that i's process died (its kernel closed
         the socket): one latency, after whatever i sent j before; never lost (TCP retransmits
         it). None over a cut link: j hears nothing, and only silence tells it."""
-        link = (i, j) if i < j else (j, i)
+        link = pair(i, j)
         if self.cut and link in self.cut:
             return None
         model = self.link_overrides.get(link, self.default_link)
@@ -205,7 +205,7 @@ class Network:
         key = _directed(i, j)
         last = self._last_arrival.get(key, at)
         if at < last:
-            at = last  # FIFO: equal times keep send order (the heap breaks ties by seq)
+            at = last  # FIFO: equal times keep send order (the agenda runs them as scheduled)
         self._last_arrival[key] = at
         return at
 
